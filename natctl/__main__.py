@@ -1,0 +1,3 @@
+from natctl.cli import main
+
+main()

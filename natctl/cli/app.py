@@ -1,0 +1,107 @@
+"""Root command, global options, and the commands that act on the whole relay."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from natctl import __version__
+from natctl.cli import forward, lobby, maps
+from natctl.cli.common import JsonOpt, say, service
+from natctl.model import format_duration
+from natctl.output import emit_json, table
+
+app = typer.Typer(
+    name="natctl",
+    help="Relay game traffic through the kernel: many lobbies on one public IP.\n\n"
+    "Start with 'natctl demo' to see it work in a throwaway network of namespaces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(lobby.app, name="lobby")
+app.add_typer(maps.app, name="map")
+app.add_typer(forward.app, name="forward")
+
+
+def _version(value: bool) -> None:
+    if value:
+        say(f"natctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    state: Annotated[Optional[str], typer.Option(help="Store file (SQLite). [default: /var/lib/natctl/natctl.db]",
+                                                 show_default=False)] = None,
+    relay_ip: Annotated[Optional[str], typer.Option(help="Public IPv4 of the relay. [default: address of the "
+                                                    "default route's interface]", show_default=False)] = None,
+    ports: Annotated[Optional[str], typer.Option(help="Relay port range LOW-HIGH. [default: 20000-29999]",
+                                                 show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option(help="Config file. [default: /etc/natctl/natctl.toml]",
+                                                  show_default=False)] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Settings come from the config file, then NATCTL_* variables, then these options."""
+    ctx.obj = ctx.obj or {}
+    ctx.obj["overrides"] = {"state": state, "relay_ip": relay_ip, "ports": ports}
+    ctx.obj["config"] = config
+
+
+@app.command()
+def apply(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Make the kernel hold exactly what the store says (safe to repeat)."""
+    result = service(ctx).apply()
+    if as_json:
+        emit_json(result)
+    elif result.changed:
+        say(f"applied in one transaction ({result.backend}): +{result.added} -{result.deleted} elements"
+            + (", table created" if result.created_table else "") + f" in {result.seconds * 1000:.1f} ms")
+    else:
+        say("nothing to do: the kernel already matches the store")
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """What is installed, with packet and byte counters per mapping and forward."""
+    svc = service(ctx)
+    maps_ = svc.mappings(counters=True)
+    fwds = svc.forwards(counters=True)
+    lobbies = svc.lobbies()
+    if as_json:
+        emit_json({"relay_ip": svc.relay_ip, "backend": svc.kernel.name, "lobbies": lobbies,
+                   "mappings": maps_, "forwards": fwds})
+        return
+    say(f"relay {svc.relay_ip}, backend {svc.kernel.name}, {len(lobbies)} lobbies, "
+        f"{len(maps_)} mappings, {len(fwds)} forwards")
+    table("mappings", ["lobby", "proto", "client", "host", "host port", "client port", "installed",
+                       "to host packets", "to client packets"],
+          [(m.lobby, m.proto, m.client, m.host, m.host_port, m.client_port, "yes" if m.installed else "NO",
+            m.to_host_packets, m.to_client_packets) for m in maps_])
+    if fwds:
+        table("forwards", ["public port", "proto", "to", "ttl", "installed", "packets"],
+              [(f.port, f.proto, f.to, format_duration(f.ttl), "yes" if f.installed else "NO", f.packets)
+               for f in fwds])
+
+
+@app.command()
+def uninstall(ctx: typer.Context) -> None:
+    """Remove everything natctl installed in the kernel; the store stays ('natctl apply' restores)."""
+    if service(ctx).uninstall():
+        say("removed table inet natctl")
+    else:
+        say("nothing installed")
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Leave the lab up after the demo (remove it with Ctrl-C).")] = False,
+) -> None:
+    """Build a lab of network namespaces, relay real UDP and TCP through it, check every byte, clean up."""
+    from natctl.demo import main
+
+    raise typer.Exit(main(keep=keep))

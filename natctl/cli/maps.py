@@ -1,0 +1,60 @@
+"""natctl map ..."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
+from natctl.model import parse_endpoint, parse_proto
+from natctl.output import emit_json, table
+
+app = typer.Typer(help="Map clients to a lobby's host through relay ports.", no_args_is_help=True)
+
+LobbyOpt = Annotated[str, typer.Option("--lobby", help="Lobby name.")]
+ProtoOpt = Annotated[str, typer.Option("--proto", help="udp or tcp.")]
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    lobby: LobbyOpt,
+    host: Annotated[str, typer.Option("--host", help="Host's public IP:PORT.")],
+    client: Annotated[list[str], typer.Option("--client", help="Client's public IP:PORT; repeatable.")],
+    proto: ProtoOpt = "udp",
+    as_json: JsonOpt = False,
+    no_apply: NoApplyOpt = False,
+) -> None:
+    """Map clients to the lobby's host; prints the host and client relay ports."""
+    rows = service(ctx).map_add(lobby, parse_endpoint(host), [parse_endpoint(c) for c in client],
+                                parse_proto(proto), apply=not no_apply)
+    if as_json:
+        emit_json(rows[0] if len(rows) == 1 else rows)
+        return
+    for m in rows:
+        say(f"{m.proto} {m.client} -> {m.relay_ip}:{m.host_port} reaches host {m.host}; "
+            f"the host sees it as {m.relay_ip}:{m.client_port}")
+        say(f"host_port {m.host_port} client_port {m.client_port}")
+
+
+@app.command("remove")
+def remove(ctx: typer.Context, lobby: LobbyOpt,
+           client: Annotated[str, typer.Option("--client", help="Client's public IP:PORT.")],
+           proto: ProtoOpt = "udp", no_apply: NoApplyOpt = False) -> None:
+    """Remove a client's mapping; its flows stop at once."""
+    service(ctx).map_remove(lobby, parse_endpoint(client), parse_proto(proto), apply=not no_apply)
+    say(f"removed {proto} client {client} from lobby {lobby}")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, lobby: Annotated[Optional[str], typer.Option(help="Only this lobby.")] = None,
+          as_json: JsonOpt = False) -> None:
+    """List mappings (from the store; 'natctl status' adds kernel counters)."""
+    rows = [m for m in service(ctx).mappings() if lobby is None or m.lobby == lobby]
+    if as_json:
+        emit_json(rows)
+        return
+    table("mappings", ["lobby", "proto", "client", "host", "relay", "host port", "client port"],
+          [(m.lobby, m.proto, m.client, m.host, m.relay_ip or "-", m.host_port, m.client_port) for m in rows],
+          empty="no mappings: add one with 'natctl map add'")

@@ -1,0 +1,50 @@
+"""One exception type for every failure a user can act on.
+
+The CLI prints ``str(err)`` as a single line and exits with ``err.exit_code``;
+everything else (tracebacks) is a bug in natctl.
+"""
+
+from __future__ import annotations
+
+
+class NatctlError(Exception):
+    """A failure with a one-line message that tells the user what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}: {hint}" if hint else message)
+
+
+class UsageError(NatctlError):
+    """Malformed input (address, port, CIDR, duration, name)."""
+
+    exit_code = 2
+
+
+class NotFound(NatctlError):
+    exit_code = 3
+
+
+class Conflict(NatctlError):
+    """Duplicate names, colliding mappings, taken ports."""
+
+    exit_code = 4
+
+
+class Exhausted(NatctlError):
+    exit_code = 5
+
+
+class KernelError(NatctlError):
+    """The kernel refused a change or lacks a feature; nothing was changed."""
+
+    exit_code = 6
+
+
+class Busy(NatctlError):
+    """Another natctl holds the store or the daemon lock."""
+
+    exit_code = 7

@@ -1,0 +1,1 @@
+"""Adapters to the kernel: nftables, conntrack, XDP, links."""

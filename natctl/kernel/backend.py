@@ -1,0 +1,82 @@
+"""The kernel behind one small interface: read what is installed, apply changes, uninstall.
+
+``NftKernel`` is the real one; ``FakeKernel`` applies transactions atomically in
+memory for fast unit tests (never instead of the kernel tests).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from natctl.errors import KernelError
+from natctl.kernel.nft import Installed, render
+from natctl.plan import Changes
+
+
+class Kernel(Protocol):
+    name: str
+
+    def read(self) -> Installed: ...
+
+    def apply(self, changes: Changes) -> None: ...
+
+    def forget(self, changes: Changes) -> int: ...
+
+    def uninstall(self) -> bool: ...
+
+
+class NftKernel:
+    name = "nftables"
+
+    def __init__(self) -> None:
+        from natctl.kernel.nft import Nft
+
+        self.nft = Nft()
+
+    def read(self) -> Installed:
+        return self.nft.read()
+
+    def apply(self, changes: Changes) -> None:
+        self.nft.apply(changes)
+
+    def forget(self, changes: Changes) -> int:
+        from natctl.kernel import conntrack
+
+        return conntrack.forget(changes.flows())
+
+    def uninstall(self) -> bool:
+        return self.nft.uninstall()
+
+
+class FakeKernel:
+    """In-memory kernel: all of a transaction or nothing, and a log of scripts sent."""
+
+    name = "fake"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.installed = Installed()
+        self.scripts: list[str] = []
+        self.fail = fail
+
+    def read(self) -> Installed:
+        return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
+                         dict(self.installed.counters))
+
+    def apply(self, changes: Changes) -> None:
+        if not changes:
+            return
+        if self.fail:
+            raise KernelError("nftables refused the change, nothing was applied (fake)", "test")
+        self.scripts.append(render(changes))
+        elements = set() if changes.create_table else set(self.installed.elements)
+        elements -= set(changes.delete)
+        elements |= set(changes.add)
+        self.installed = Installed(True, True, elements, {})
+
+    def forget(self, changes: Changes) -> int:
+        return len(changes.flows())
+
+    def uninstall(self) -> bool:
+        existed = self.installed.present
+        self.installed = Installed()
+        return existed

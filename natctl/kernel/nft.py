@@ -1,0 +1,203 @@
+"""nftables backend: table inet natctl, rendered as text, applied in one transaction.
+
+Writes go through libnftables (the python3-nftables binding) as one script, so
+the kernel takes all of a sync or none of it. Reads use the JSON listing.
+natctl owns ``table inet natctl`` alone and touches no other table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from natctl.errors import KernelError
+from natctl.plan import ACCT, DNAT, FWD, FWDACCT, MASQ, SNAT, Changes, Element
+
+TABLE = "natctl"
+# An empty set whose name carries the layout version: nft 1.0.6 does not
+# show table comments in JSON, and a natctl with another layout must rebuild.
+SCHEMA = "schema_v1"
+CHUNK = 2000  # elements per statement: keeps each line short, still one transaction
+
+# Key and value types of every map/set, in the order plan.py builds tuples.
+TYPES: dict[str, tuple[str, str | None]] = {
+    DNAT: ("ipv4_addr . inet_proto . inet_service . inet_service", "ipv4_addr . inet_service"),
+    SNAT: ("ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service", "ipv4_addr . inet_service"),
+    ACCT: ("ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service", None),
+    FWD: ("inet_proto . inet_service", "ipv4_addr . inet_service"),
+    FWDACCT: ("ipv4_addr . inet_proto . inet_service", None),
+    MASQ: ("ipv4_addr . inet_proto . inet_service", None),
+}
+
+L4 = "meta nfproto ipv4 meta l4proto { tcp, udp }"
+
+
+def skeleton() -> str:
+    """The table with its maps and chains; every lookup is a map lookup, never a rule per mapping."""
+    sets = []
+    for name, (ktype, vtype) in TYPES.items():
+        kind = "map" if vtype else "set"
+        typ = f"{ktype} : {vtype}" if vtype else ktype
+        sets.append(f"  {kind} {name} {{\n    type {typ}\n    counter\n  }}")
+    # nft 1.0.6 wants a newline before the closing brace of a chain ending in a map rule.
+    return "\n".join(
+        [
+            f"table inet {TABLE} {{",
+            '  comment "managed by natctl: edit with the natctl command, not by hand"',
+            f"  set {SCHEMA} {{\n    type inet_service\n  }}",
+            *sets,
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f"    {L4} dnat ip to ip saddr . meta l4proto . th sport . th dport map @{DNAT}",
+            f"    {L4} fib daddr type local dnat ip to meta l4proto . th dport map @{FWD}",
+            "  }",
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            f"    {L4} ip saddr . meta l4proto . th sport . ip daddr . th dport @{ACCT}",
+            f"    {L4} ct status dnat ip daddr . meta l4proto . th dport @{FWDACCT}",
+            "  }",
+            "  chain postrouting {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    {L4} snat ip to ip saddr . meta l4proto . th sport . ip daddr . th dport map @{SNAT}",
+            f"    {L4} ct status dnat ip daddr . meta l4proto . th dport @{MASQ} masquerade",
+            "  }",
+            "}",
+        ]
+    )
+
+
+def _concat(values: tuple) -> str:
+    return " . ".join(str(v) for v in values)
+
+
+def _element_text(e: Element, with_value: bool) -> str:
+    text = _concat(e.key)
+    if e.comment and with_value:
+        text += f' comment "{e.comment}"'
+    if e.value is not None and with_value:
+        text += " : " + _concat(e.value)
+    return text
+
+
+def _statements(verb: str, elements: Iterable[Element]) -> list[str]:
+    by_set: dict[str, list[Element]] = {}
+    for e in elements:
+        by_set.setdefault(e.set, []).append(e)
+    out = []
+    for name in sorted(by_set):
+        items = by_set[name]
+        for i in range(0, len(items), CHUNK):
+            body = ", ".join(_element_text(e, verb == "add") for e in items[i : i + CHUNK])
+            out.append(f"{verb} element inet {TABLE} {name} {{ {body} }}")
+    return out
+
+
+def render(changes: Changes) -> str:
+    """One nft script for a sync: deletes before adds, so changed values swap in place."""
+    lines: list[str] = []
+    if changes.create_table:
+        # 'add' then 'delete' makes the delete safe when the table is absent.
+        lines += [f"add table inet {TABLE}", f"delete table inet {TABLE}", skeleton()]
+    else:
+        lines += _statements("delete", changes.delete)
+    lines += _statements("add", changes.add)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Installed:
+    """What the kernel holds in table inet natctl."""
+
+    table_ok: bool = False  # exists with the schema this natctl writes
+    present: bool = False  # exists at all
+    elements: set[Element] = field(default_factory=set)
+    counters: dict[tuple[str, tuple], tuple[int, int]] = field(default_factory=dict)
+
+
+def _scalar(v: Any) -> Any:
+    return v if isinstance(v, (int, str)) else str(v)
+
+
+def _tuple(obj: Any) -> tuple:
+    if isinstance(obj, dict) and "concat" in obj:
+        return tuple(_scalar(v) for v in obj["concat"])
+    return (_scalar(obj),)
+
+
+def parse_listing(doc: dict) -> Installed:
+    """Parse ``nft -j list table inet natctl`` into elements and counters."""
+    out = Installed(present=False)
+    names = set()
+    for item in doc.get("nftables", []):
+        if "table" in item:
+            out.present = True
+        for kind in ("map", "set", "chain"):
+            if kind in item:
+                names.add(item[kind]["name"])
+        for kind in ("map", "set"):
+            obj = item.get(kind)
+            if not obj or obj.get("name") not in TYPES:
+                continue
+            for raw in obj.get("elem", []):
+                key_obj, value_obj = (raw if kind == "map" else (raw, None))
+                counter, comment = None, ""
+                if isinstance(key_obj, dict) and "elem" in key_obj:
+                    inner = key_obj["elem"]
+                    counter, comment = inner.get("counter"), inner.get("comment", "")
+                    key_obj = inner["val"]
+                key = _tuple(key_obj)
+                value = _tuple(value_obj) if value_obj is not None else None
+                out.elements.add(Element(obj["name"], key, value, comment))
+                if counter:
+                    out.counters[(obj["name"], key)] = (counter["packets"], counter["bytes"])
+    out.table_ok = out.present and names >= {SCHEMA, *TYPES, "prerouting", "forward", "postrouting"}
+    return out
+
+
+class Nft:
+    """Thin executor over libnftables. One instance per process is enough."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # type: ignore[import-not-found]
+        except ImportError:
+            raise KernelError(
+                "the nftables Python binding is missing",
+                "install python3-nftables and make the venv with --system-site-packages (make setup does both)",
+            ) from None
+        if os.geteuid() != 0:
+            raise KernelError("natctl must run as root to change the kernel", "run it with sudo")
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def run(self, script: str) -> str:
+        rc, out, err = self._nft.cmd(script)
+        if rc != 0:
+            first = next((ln for ln in err.splitlines() if "Error" in ln), err.strip().splitlines()[0] if err.strip() else "")
+            raise KernelError(f"nftables refused the change, nothing was applied ({first.strip()})",
+                              "check that the kernel has nf_tables with NAT support (modprobe nft_nat)")
+        return out
+
+    def read(self) -> Installed:
+        import json
+
+        rc, out, err = self._nft.cmd(f"list table inet {TABLE}")
+        if rc != 0:
+            if "No such file" in err or "does not exist" in err:
+                return Installed()
+            raise KernelError(f"cannot read table inet {TABLE}: {err.strip()}", "is nf_tables available?")
+        return parse_listing(json.loads(out))
+
+    def apply(self, changes: Changes) -> None:
+        if changes:
+            self.run(render(changes))
+
+    def uninstall(self) -> bool:
+        """Delete table inet natctl and nothing else. True if it existed."""
+        if not self.read().present:
+            return False
+        self.run(f"delete table inet {TABLE}")
+        return True

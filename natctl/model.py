@@ -1,0 +1,214 @@
+"""Plain data: what natctl stores and plans with, and parsers for user input.
+
+Everything here is immutable and free of I/O, so the allocator and the planner
+can be tested without root or a kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from natctl.errors import UsageError
+
+Proto = Literal["udp", "tcp"]
+PROTOS: tuple[Proto, ...] = ("udp", "tcp")
+FORWARD_PROTOS = ("udp", "tcp", "both")
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """An IPv4 address and port, as a packet carries them."""
+
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    low: int
+    high: int
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.low <= port <= self.high
+
+    def __len__(self) -> int:
+        return self.high - self.low + 1
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
+class Lobby:
+    id: int
+    name: str
+    allow: tuple[str, ...] = ()
+    ttl: int | None = None  # seconds from creation
+    created: float = 0.0
+    closed: float | None = None
+    token_hash: str = ""
+    open: bool = False
+    max_clients: int = 64
+
+    def expired(self, now: float) -> bool:
+        return self.ttl is not None and now >= self.created + self.ttl
+
+    def allows(self, ip: str) -> bool:
+        if self.open:
+            return True
+        addr = ipaddress.ip_address(ip)
+        return any(addr in ipaddress.ip_network(net) for net in self.allow)
+
+
+@dataclass(frozen=True)
+class Host:
+    """A lobby's host: its public address and its relay port P_h."""
+
+    lobby_id: int
+    addr: Endpoint
+    relay_port: int
+
+
+@dataclass(frozen=True)
+class Client:
+    """A lobby member: its public address, protocol and relay port P_c."""
+
+    id: int
+    lobby_id: int
+    proto: Proto
+    addr: Endpoint
+    relay_port: int
+    created: float = 0.0
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A static port forward: relay:port -> target, for a session or forever."""
+
+    port: int
+    target: Endpoint
+    proto: str = "tcp"  # udp, tcp or both
+    ttl: int | None = None
+    created: float = 0.0
+    masquerade: bool = True
+    owner: str = ""  # e.g. "gm:alice"; free text shown in listings
+
+    @property
+    def protos(self) -> tuple[Proto, ...]:
+        return PROTOS if self.proto == "both" else (self.proto,)  # type: ignore[return-value]
+
+    def expired(self, now: float) -> bool:
+        return self.ttl is not None and now >= self.created + self.ttl
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the planner needs, read from the store in one transaction."""
+
+    relay_ip: str
+    lobbies: tuple[Lobby, ...] = ()
+    hosts: tuple[Host, ...] = ()
+    clients: tuple[Client, ...] = ()
+    forwards: tuple[Forward, ...] = field(default=())
+
+
+# --- parsers: every one raises UsageError with a message that says what is expected
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def parse_name(text: str, what: str = "name") -> str:
+    if not _NAME.match(text):
+        raise UsageError(
+            f"invalid {what} {text!r}",
+            "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return text
+
+
+def parse_ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise UsageError(f"invalid IPv4 address {text!r}", "write it like 198.18.0.1") from None
+
+
+def parse_port(text: str | int, what: str = "port") -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid {what} {text!r}", "use a number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise UsageError(f"invalid {what} {text!r}", "use a number from 1 to 65535")
+    return port
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    ip, sep, port = text.strip().rpartition(":")
+    if not sep or not ip:
+        raise UsageError(f"invalid address {text!r}", "write IP:PORT, like 198.18.0.7:27015")
+    return Endpoint(parse_ipv4(ip), parse_port(port))
+
+
+def parse_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(text.strip(), strict=False))
+    except ValueError:
+        raise UsageError(f"invalid network {text!r}", "write a CIDR like 198.18.0.0/15") from None
+
+
+def parse_proto(text: str, allowed: tuple[str, ...] = PROTOS) -> str:
+    if text not in allowed:
+        raise UsageError(f"invalid protocol {text!r}", "use one of " + ", ".join(allowed))
+    return text
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+)([smhd])")
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '4h', '1d', '1h30m' or plain seconds -> seconds (> 0)."""
+    text = text.strip().lower()
+    if text.isdigit():
+        seconds = int(text)
+    else:
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise UsageError(f"invalid duration {text!r}", "write it like 90s, 15m, 4h or 1h30m")
+        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UsageError(f"invalid duration {text!r}", "it must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float | None) -> str:
+    """Inverse of parse_duration for display: 5400 -> '1h30m'."""
+    if seconds is None:
+        return "-"
+    rest, out = int(max(seconds, 0)), ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if rest >= size:
+            out += f"{rest // size}{unit}"
+            rest %= size
+    return out + f"{rest}s" if rest or not out else out
+
+
+def parse_port_range(text: str) -> PortRange:
+    low, sep, high = text.strip().partition("-")
+    if not sep:
+        raise UsageError(f"invalid port range {text!r}", "write LOW-HIGH, like 20000-29999")
+    lo, hi = parse_port(low, "port range"), parse_port(high, "port range")
+    if lo > hi:
+        raise UsageError(f"invalid port range {text!r}", "LOW must not be above HIGH")
+    if lo < 1024:
+        raise UsageError(f"port range {text} includes privileged ports", "start the range at 1024 or above")
+    return PortRange(lo, hi)

@@ -1,0 +1,133 @@
+"""Planning (pure): store snapshot -> desired kernel elements -> changes.
+
+The kernel state natctl owns is a handful of nftables maps and sets (and the
+XDP map, which mirrors the same mappings). Each entry is an ``Element``; the
+desired state is a frozenset of them, and a sync applies only the difference
+from what the kernel holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from natctl.model import Client, Endpoint, Host, Snapshot
+
+# Map and set names in table inet natctl. Keys are concatenations, values too.
+DNAT = "dnat4"  # saddr . proto . sport . dport        : new daddr . new dport
+SNAT = "snat4"  # saddr . proto . sport . daddr . dport : new saddr . new sport
+ACCT = "acct4"  # saddr . proto . sport . daddr . dport (post-NAT, counts packets)
+FWD = "fwd4"  # proto . dport                         : daddr . dport
+FWDACCT = "fwdacct4"  # daddr . proto . dport (post-DNAT, counts packets)
+MASQ = "masq4"  # daddr . proto . dport                  : masquerade these
+
+
+@dataclass(frozen=True, order=True)
+class Element:
+    """One entry of an nftables map or set (value is None for a set)."""
+
+    set: str
+    key: tuple
+    value: tuple | None = None
+    comment: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack original tuple whose entries die with a removed element."""
+
+    proto: str
+    saddr: str | None
+    sport: int | None
+    dport: int
+
+
+@dataclass(frozen=True)
+class Changes:
+    add: tuple[Element, ...] = ()
+    delete: tuple[Element, ...] = ()
+    create_table: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.delete or self.create_table)
+
+    def flows(self) -> list[Flow]:
+        """Conntrack tuples to flush after the deletes: flows to relay ports that went away."""
+        out = []
+        for e in self.delete:
+            if e.set == DNAT:
+                saddr, proto, sport, dport = e.key
+                out.append(Flow(proto, saddr, sport, dport))
+            elif e.set == FWD:
+                proto, dport = e.key
+                out.append(Flow(proto, None, None, dport))
+        return out
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One client <-> host pairing, the unit users add and remove."""
+
+    lobby: str
+    proto: str
+    host: Endpoint
+    client: Endpoint
+    host_port: int
+    client_port: int
+
+
+def mappings(snap: Snapshot, now: float) -> list[Mapping]:
+    """The live mappings: clients of open, unexpired lobbies that have a host."""
+    live = {lb.id: lb for lb in snap.lobbies if lb.closed is None and not lb.expired(now)}
+    hosts: dict[int, Host] = {h.lobby_id: h for h in snap.hosts if h.lobby_id in live}
+    out = []
+    for c in snap.clients:
+        host = hosts.get(c.lobby_id)
+        if host is not None:
+            out.append(Mapping(live[c.lobby_id].name, c.proto, host.addr, c.addr, host.relay_port, c.relay_port))
+    return out
+
+
+def mapping_elements(m: Mapping, relay_ip: str) -> list[Element]:
+    """Both directions of one mapping: client->relay:P_h->host and host->relay:P_c->client."""
+    c, h, tag = m.client, m.host, f"lobby {m.lobby}"
+    return [
+        Element(DNAT, (c.ip, m.proto, c.port, m.host_port), (h.ip, h.port), tag),
+        Element(DNAT, (h.ip, m.proto, h.port, m.client_port), (c.ip, c.port), tag),
+        Element(SNAT, (c.ip, m.proto, c.port, h.ip, h.port), (relay_ip, m.client_port), tag),
+        Element(SNAT, (h.ip, m.proto, h.port, c.ip, c.port), (relay_ip, m.host_port), tag),
+        Element(ACCT, (c.ip, m.proto, c.port, h.ip, h.port), None, tag),
+        Element(ACCT, (h.ip, m.proto, h.port, c.ip, c.port), None, tag),
+    ]
+
+
+def plan(snap: Snapshot, now: float) -> frozenset[Element]:
+    """Desired kernel elements for a snapshot at time ``now`` (expired things are left out)."""
+    out: list[Element] = []
+    for m in mappings(snap, now):
+        out += mapping_elements(m, snap.relay_ip)
+    for f in snap.forwards:
+        if f.expired(now):
+            continue
+        tag = f"forward {f.port}" + (f" {f.owner}" if f.owner else "")
+        for proto in f.protos:
+            target = (f.target.ip, proto, f.target.port)
+            out.append(Element(FWD, (proto, f.port), (f.target.ip, f.target.port), tag))
+            out.append(Element(FWDACCT, target, None, tag))
+            if f.masquerade:
+                out.append(Element(MASQ, target, None, tag))
+    return frozenset(out)
+
+
+def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool = True) -> Changes:
+    """What to delete and add so that the kernel holds exactly ``desired``.
+
+    An element whose value changed is deleted and added again; both happen in
+    the same transaction, so no packet sees the key missing.
+    """
+    want, have = set(desired), set(actual) if table_ok else set()
+    return Changes(
+        add=tuple(sorted(want - have)),
+        delete=tuple(sorted(have - want)),
+        create_table=not table_ok,
+    )

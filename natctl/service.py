@@ -1,0 +1,264 @@
+"""The service API: every command of the CLI and the daemon goes through here.
+
+Each change follows one pattern (see ``_change``): open a store write
+transaction, change rows, plan, apply the difference to the kernel in one
+transaction, and commit the store only if the kernel took it. A refused
+change leaves both exactly as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from natctl import plan as planner
+from natctl.alloc import Allocator
+from natctl.config import Settings, local_port_overlap
+from natctl.errors import Conflict, NotFound, UsageError
+from natctl.kernel.backend import Kernel
+from natctl.model import Client, Endpoint, Forward, Host, Lobby
+from natctl.store import Store
+from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Service:
+    def __init__(self, settings: Settings, kernel_factory: Callable[[], Kernel] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._kernel_factory = kernel_factory
+        self._kernel: Kernel | None = None
+        self._store: Store | None = None
+        self._relay_ip = settings.relay_ip
+
+    # --- adapters, opened on first use so that read-only commands need no root
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.settings.state, self.settings.lock_timeout)
+        return self._store
+
+    @property
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            if self._kernel_factory is None:
+                from natctl.kernel.backend import NftKernel
+
+                self._kernel_factory = NftKernel
+            self._kernel = self._kernel_factory()
+        return self._kernel
+
+    @property
+    def relay_ip(self) -> str:
+        if not self._relay_ip:
+            from natctl.kernel.links import default_route
+
+            self._relay_ip = default_route()[1]
+        return self._relay_ip
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    # --- the one way to change state
+
+    @contextmanager
+    def _change(self, apply: bool = True) -> Iterator[Store]:
+        """Store rows and kernel change together, or neither."""
+        if apply:
+            self.kernel  # fail fast (not root, no binding) before touching the store
+        store = self.store
+        result: SyncResult | None = None
+        with store.write():
+            yield store
+            if apply:
+                result, changes = self._sync(store)
+        if apply and result is not None:
+            self.last_sync = result
+            self._forget(changes)
+
+    def _sync(self, store: Store) -> tuple[SyncResult, planner.Changes]:
+        start = time.perf_counter()
+        desired = planner.plan(store.snapshot(self.relay_ip), self.clock())
+        installed = self.kernel.read()
+        changes = planner.diff(desired, installed.elements, installed.table_ok)
+        self.kernel.apply(changes)
+        return SyncResult(self.kernel.name, len(changes.add), len(changes.delete), changes.create_table, 0,
+                          time.perf_counter() - start), changes
+
+    def _forget(self, changes: planner.Changes) -> int:
+        return self.kernel.forget(changes) if changes.delete else 0
+
+    def apply(self) -> SyncResult:
+        """Make the kernel hold exactly what the store says (a no-op when it already does)."""
+        with self._change(apply=True):
+            pass
+        return self.last_sync
+
+    def uninstall(self) -> bool:
+        return self.kernel.uninstall()
+
+    # --- lobbies
+
+    def _lobby(self, name: str) -> Lobby:
+        lobby = self.store.lobby(name)
+        if lobby is None:
+            raise NotFound(f"no open lobby named {name!r}", "see 'natctl lobby list'")
+        return lobby
+
+    def lobby_create(self, name: str, allow: tuple[str, ...] = (), ttl: int | None = None,
+                     open_: bool = False, max_clients: int = 64, apply: bool = True) -> tuple[Lobby, str]:
+        """Create a lobby; returns it and its registration token (shown once, stored hashed)."""
+        if max_clients < 1:
+            raise UsageError(f"invalid --max-clients {max_clients}", "use 1 or more")
+        token = secrets.token_urlsafe(24)  # 192 bits
+        with self._change(apply) as store:
+            if store.lobby(name) is not None:
+                raise Conflict(f"a lobby named {name!r} is already open", "pick another name or close it first")
+            lobby = store.add_lobby(Lobby(0, name, allow, ttl, self.clock(), None, hash_token(token),
+                                          open_, max_clients))
+        return lobby, token
+
+    def lobby_close(self, name: str, apply: bool = True) -> Lobby:
+        with self._change(apply) as store:
+            lobby = self._lobby(name)
+            store.close_lobby(lobby.id, self.clock())
+        return lobby
+
+    def lobbies(self, include_closed: bool = False) -> list[LobbyView]:
+        out = []
+        for lb in self.store.lobbies(include_closed):
+            host = self.store.host(lb.id)
+            out.append(LobbyView(lb.name, lb.id, list(lb.allow), lb.open, lb.ttl, lb.created,
+                                 lb.created + lb.ttl if lb.ttl else None, lb.closed,
+                                 str(host.addr) if host else None, host.relay_port if host else None,
+                                 len(self.store.clients(lb.id))))
+        return out
+
+    # --- mappings
+
+    def _allocator(self, store: Store) -> Allocator:
+        overlap = local_port_overlap(self.settings.ports)
+        if overlap:
+            raise Conflict(overlap.split(":")[0], overlap.split(": ", 1)[1])
+        snap = store.snapshot("")
+        hosts = {h.lobby_id: h.addr for h in snap.hosts}
+        return Allocator(self.settings.ports, (h.relay_port for h in snap.hosts),
+                         ((hosts[c.lobby_id], c.relay_port) for c in snap.clients if c.lobby_id in hosts),
+                         reserved=(self.settings.registration_port,))
+
+    def _ensure_host(self, store: Store, lobby: Lobby, addr: Endpoint, alloc: Allocator) -> Host:
+        host = store.host(lobby.id)
+        if host is not None:
+            if host.addr != addr:
+                raise Conflict(f"lobby {lobby.name!r} already has host {host.addr}",
+                               f"use --host {host.addr}, or close the lobby to start over")
+            return host
+        other = store.host_at(addr)
+        if other is not None:
+            raise Conflict(f"{addr} already hosts another lobby", "one game socket hosts one lobby")
+        host = Host(lobby.id, addr, alloc.host_port())
+        store.set_host(host, self.clock())
+        return host
+
+    def map_add(self, lobby_name: str, host_addr: Endpoint, clients: list[Endpoint], proto: str = "udp",
+                apply: bool = True) -> list[MappingView]:
+        """Map clients to a lobby's host, allocating relay ports; all in one kernel transaction."""
+        out = []
+        with self._change(apply) as store:
+            lobby = self._lobby(lobby_name)
+            alloc = self._allocator(store)
+            host = self._ensure_host(store, lobby, host_addr, alloc)
+            count = len(store.clients(lobby.id))
+            for addr in clients:
+                if addr == host_addr:
+                    raise Conflict(f"client {addr} is the lobby's host", "a host cannot be its own client")
+                # An admin's explicit mapping needs no --allow; a lobby that has one holds to it.
+                if lobby.allow and not lobby.allows(addr.ip):
+                    raise Conflict(f"client {addr.ip} is not allowed in lobby {lobby.name!r}",
+                                   f"allowed networks: {', '.join(lobby.allow) or 'none'}; "
+                                   "recreate the lobby with --allow or --open")
+                existing = store.client(lobby.id, proto, addr)
+                if existing is not None:
+                    raise Conflict(f"{proto} client {addr} is already mapped in lobby {lobby.name!r} "
+                                   f"(client port {existing.relay_port})", "remove it first to remap it")
+                count += 1
+                if count > lobby.max_clients:
+                    raise Conflict(f"lobby {lobby.name!r} is full ({lobby.max_clients} clients)",
+                                   "remove a client or recreate the lobby with a larger --max-clients")
+                now = self.clock()
+                c = store.add_client(Client(0, lobby.id, proto, addr, alloc.client_port(host.addr), now, now))
+                out.append(MappingView(lobby.name, proto, str(host.addr), str(addr), self.relay_ip,
+                                       host.relay_port, c.relay_port, apply))
+        return out
+
+    def map_remove(self, lobby_name: str, client: Endpoint, proto: str = "udp", apply: bool = True) -> None:
+        with self._change(apply) as store:
+            lobby = self._lobby(lobby_name)
+            c = store.client(lobby.id, proto, client)
+            if c is None:
+                raise NotFound(f"no {proto} client {client} in lobby {lobby_name!r}", "see 'natctl map list'")
+            store.remove_client(c.id)
+
+    def mappings(self, counters: bool = False) -> list[MappingView]:
+        snap = self.store.snapshot(self._relay_ip)
+        installed = self.kernel.read() if counters else None
+        out = []
+        seen = {c.relay_port: c.last_seen for c in snap.clients}
+        for m in planner.mappings(snap, self.clock()):
+            to_host = to_client = (0, 0)
+            ok = False
+            if installed is not None:
+                up = (m.client.ip, m.proto, m.client.port, m.host.ip, m.host.port)
+                down = (m.host.ip, m.proto, m.host.port, m.client.ip, m.client.port)
+                to_host = installed.counters.get((planner.ACCT, up), (0, 0))
+                to_client = installed.counters.get((planner.ACCT, down), (0, 0))
+                ok = all(e in installed.elements for e in planner.mapping_elements(m, self.relay_ip))
+            out.append(MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,
+                                   m.client_port, ok, *to_host, *to_client, seen.get(m.client_port, 0.0)))
+        return out
+
+    # --- static forwards
+
+    def forward_add(self, port: int, target: Endpoint, proto: str = "tcp", ttl: int | None = None,
+                    owner: str = "", apply: bool = True) -> Forward:
+        if port in self.settings.ports or port == self.settings.registration_port:
+            raise Conflict(f"port {port} is reserved for natctl's relay ports ({self.settings.ports}) "
+                           f"or registration ({self.settings.registration_port})", "pick a port outside them")
+        fwd = Forward(port, target, proto, ttl, self.clock(), True, owner)
+        with self._change(apply) as store:
+            if store.forward(port) is not None:
+                raise Conflict(f"public port {port} is already forwarded", f"remove it first: natctl forward remove {port}")
+            store.add_forward(fwd)
+        return fwd
+
+    def forward_remove(self, port: int, apply: bool = True) -> Forward:
+        with self._change(apply) as store:
+            fwd = store.forward(port)
+            if fwd is None:
+                raise NotFound(f"no forward on port {port}", "see 'natctl forward list'")
+            store.remove_forward(port)
+        return fwd
+
+    def forwards(self, counters: bool = False) -> list[ForwardView]:
+        installed = self.kernel.read() if counters else None
+        out = []
+        for f in self.store.forwards():
+            packets = bytes_ = 0
+            ok = False
+            if installed is not None:
+                for proto in f.protos:
+                    p, b = installed.counters.get((planner.FWDACCT, (f.target.ip, proto, f.target.port)), (0, 0))
+                    packets, bytes_ = packets + p, bytes_ + b
+                ok = any(e.set == planner.FWD and e.key[1] == f.port for e in installed.elements)
+            out.append(ForwardView(f.port, f.proto, str(f.target), f.ttl, f.created,
+                                   f.created + f.ttl if f.ttl else None, f.owner, ok, packets, bytes_))
+        return out

@@ -1,0 +1,211 @@
+"""The store: SQLite (WAL) holding the desired state. It is the truth.
+
+Writers open a transaction with ``BEGIN IMMEDIATE`` (one writer at a time,
+across processes), change rows, let the service apply the result to the
+kernel, and commit only if the kernel accepted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from natctl.errors import Busy, NatctlError
+from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS lobbies (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL,
+  allow TEXT NOT NULL DEFAULT '[]',
+  ttl INTEGER,
+  created REAL NOT NULL,
+  closed REAL,
+  token_hash TEXT NOT NULL DEFAULT '',
+  open INTEGER NOT NULL DEFAULT 0,
+  max_clients INTEGER NOT NULL DEFAULT 64
+);
+CREATE UNIQUE INDEX IF NOT EXISTS lobbies_open_name ON lobbies(name) WHERE closed IS NULL;
+CREATE TABLE IF NOT EXISTS hosts (
+  lobby_id INTEGER PRIMARY KEY REFERENCES lobbies(id),
+  ip TEXT NOT NULL,
+  port INTEGER NOT NULL,
+  relay_port INTEGER NOT NULL UNIQUE,
+  created REAL NOT NULL,
+  UNIQUE (ip, port)
+);
+CREATE TABLE IF NOT EXISTS clients (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  lobby_id INTEGER NOT NULL REFERENCES lobbies(id),
+  proto TEXT NOT NULL,
+  ip TEXT NOT NULL,
+  port INTEGER NOT NULL,
+  relay_port INTEGER NOT NULL,
+  created REAL NOT NULL,
+  last_seen REAL NOT NULL,
+  UNIQUE (lobby_id, proto, ip, port)
+);
+CREATE TABLE IF NOT EXISTS forwards (
+  port INTEGER PRIMARY KEY,
+  proto TEXT NOT NULL,
+  ip TEXT NOT NULL,
+  target_port INTEGER NOT NULL,
+  ttl INTEGER,
+  created REAL NOT NULL,
+  masquerade INTEGER NOT NULL DEFAULT 1,
+  owner TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+def _lobby(r: sqlite3.Row) -> Lobby:
+    return Lobby(r["id"], r["name"], tuple(json.loads(r["allow"])), r["ttl"], r["created"], r["closed"],
+                 r["token_hash"], bool(r["open"]), r["max_clients"])
+
+
+def _client(r: sqlite3.Row) -> Client:
+    return Client(r["id"], r["lobby_id"], r["proto"], Endpoint(r["ip"], r["port"]), r["relay_port"],
+                  r["created"], r["last_seen"])
+
+
+def _forward(r: sqlite3.Row) -> Forward:
+    return Forward(r["port"], Endpoint(r["ip"], r["target_port"]), r["proto"], r["ttl"], r["created"],
+                   bool(r["masquerade"]), r["owner"])
+
+
+class Store:
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise NatctlError(f"cannot open the store {path}: {err}",
+                              "pass a writable path with --state or run as root") from None
+        self.db.row_factory = sqlite3.Row
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.OperationalError as err:
+            raise self._busy(err) from None
+
+    def _busy(self, err: sqlite3.Error) -> NatctlError:
+        if "locked" in str(err) or "busy" in str(err):
+            return Busy(f"the store {self.path} is locked by another natctl",
+                        "wait for it to finish, or stop the other natctl")
+        return NatctlError(f"store {self.path}: {err}", "check the file and its permissions")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed if the block returns, rolled back if it raises."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise self._busy(err) from None
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # --- reads (work inside or outside a write transaction)
+
+    def snapshot(self, relay_ip: str) -> Snapshot:
+        q = self.db.execute
+        return Snapshot(
+            relay_ip=relay_ip,
+            lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE closed IS NULL ORDER BY id")),
+            hosts=tuple(Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"])
+                        for r in q("SELECT * FROM hosts ORDER BY lobby_id")),
+            clients=tuple(_client(r) for r in q("SELECT * FROM clients ORDER BY id")),
+            forwards=tuple(_forward(r) for r in q("SELECT * FROM forwards ORDER BY port")),
+        )
+
+    def lobby(self, name: str) -> Lobby | None:
+        r = self.db.execute("SELECT * FROM lobbies WHERE name=? AND closed IS NULL", (name,)).fetchone()
+        return _lobby(r) if r else None
+
+    def lobbies(self, include_closed: bool = False) -> list[Lobby]:
+        where = "" if include_closed else "WHERE closed IS NULL"
+        return [_lobby(r) for r in self.db.execute(f"SELECT * FROM lobbies {where} ORDER BY id")]
+
+    def host(self, lobby_id: int) -> Host | None:
+        r = self.db.execute("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,)).fetchone()
+        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+
+    def host_at(self, addr: Endpoint) -> Host | None:
+        r = self.db.execute("SELECT * FROM hosts WHERE ip=? AND port=?", (addr.ip, addr.port)).fetchone()
+        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+
+    def clients(self, lobby_id: int | None = None) -> list[Client]:
+        if lobby_id is None:
+            rows = self.db.execute("SELECT * FROM clients ORDER BY id")
+        else:
+            rows = self.db.execute("SELECT * FROM clients WHERE lobby_id=? ORDER BY id", (lobby_id,))
+        return [_client(r) for r in rows]
+
+    def client(self, lobby_id: int, proto: str, addr: Endpoint) -> Client | None:
+        r = self.db.execute("SELECT * FROM clients WHERE lobby_id=? AND proto=? AND ip=? AND port=?",
+                            (lobby_id, proto, addr.ip, addr.port)).fetchone()
+        return _client(r) if r else None
+
+    def forwards(self) -> list[Forward]:
+        return [_forward(r) for r in self.db.execute("SELECT * FROM forwards ORDER BY port")]
+
+    def forward(self, port: int) -> Forward | None:
+        r = self.db.execute("SELECT * FROM forwards WHERE port=?", (port,)).fetchone()
+        return _forward(r) if r else None
+
+    # --- writes (call inside ``write()``)
+
+    def add_lobby(self, lobby: Lobby) -> Lobby:
+        cur = self.db.execute(
+            "INSERT INTO lobbies (name, allow, ttl, created, token_hash, open, max_clients) VALUES (?,?,?,?,?,?,?)",
+            (lobby.name, json.dumps(list(lobby.allow)), lobby.ttl, lobby.created or time.time(),
+             lobby.token_hash, int(lobby.open), lobby.max_clients))
+        return self._lobby_by_id(cur.lastrowid)
+
+    def _lobby_by_id(self, lobby_id: int | None) -> Lobby:
+        return _lobby(self.db.execute("SELECT * FROM lobbies WHERE id=?", (lobby_id,)).fetchone())
+
+    def close_lobby(self, lobby_id: int, when: float) -> None:
+        self.db.execute("DELETE FROM clients WHERE lobby_id=?", (lobby_id,))
+        self.db.execute("DELETE FROM hosts WHERE lobby_id=?", (lobby_id,))
+        self.db.execute("UPDATE lobbies SET closed=? WHERE id=?", (when, lobby_id))
+
+    def set_host(self, host: Host, when: float) -> None:
+        self.db.execute("INSERT INTO hosts (lobby_id, ip, port, relay_port, created) VALUES (?,?,?,?,?) "
+                        "ON CONFLICT(lobby_id) DO UPDATE SET ip=excluded.ip, port=excluded.port",
+                        (host.lobby_id, host.addr.ip, host.addr.port, host.relay_port, when))
+
+    def add_client(self, c: Client) -> Client:
+        cur = self.db.execute(
+            "INSERT INTO clients (lobby_id, proto, ip, port, relay_port, created, last_seen) VALUES (?,?,?,?,?,?,?)",
+            (c.lobby_id, c.proto, c.addr.ip, c.addr.port, c.relay_port, c.created, c.last_seen))
+        return _client(self.db.execute("SELECT * FROM clients WHERE id=?", (cur.lastrowid,)).fetchone())
+
+    def remove_client(self, client_id: int) -> None:
+        self.db.execute("DELETE FROM clients WHERE id=?", (client_id,))
+
+    def touch_clients(self, seen: dict[int, float]) -> None:
+        self.db.executemany("UPDATE clients SET last_seen=? WHERE id=? AND last_seen<?",
+                            [(t, cid, t) for cid, t in seen.items()])
+
+    def add_forward(self, f: Forward) -> None:
+        self.db.execute(
+            "INSERT INTO forwards (port, proto, ip, target_port, ttl, created, masquerade, owner) VALUES (?,?,?,?,?,?,?,?)",
+            (f.port, f.proto, f.target.ip, f.target.port, f.ttl, f.created, int(f.masquerade), f.owner))
+
+    def remove_forward(self, port: int) -> None:
+        self.db.execute("DELETE FROM forwards WHERE port=?", (port,))

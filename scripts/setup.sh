@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One setup step for natctl: system packages, the venv, the package, the BPF object.
+# Idempotent; when everything is there it only checks, in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  nftables python3-nftables iproute2 conntrack ethtool procps kmod
+  clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev make
+  python3-venv python3-pip
+  socat iperf3 curl wireguard-go wireguard-tools openvpn
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "setup: run as root (or install sudo): natctl changes the kernel's network state" >&2; exit 1
+  fi
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # No recommends: wireguard-tools would otherwise pull in a kernel image.
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The nftables binding ships with Debian's python3, so the venv sees system site-packages.
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import nftables" 2>/dev/null; then
+  echo "setup: creating .venv from $PY (with system site-packages)"
+  rm -rf .venv
+  "$PY" -m venv --system-site-packages .venv
+fi
+stamp=.venv/.natctl-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing natctl and its Python dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+
+# The XDP program is compiled ahead of time (no kernel headers needed).
+if [ -f bpf/Makefile ]; then
+  make -s -C bpf
+fi
+echo "setup: ready (.venv/bin/natctl)"

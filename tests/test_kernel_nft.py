@@ -1,0 +1,178 @@
+"""The nftables path in the kernel, in the demo's topology, with real traffic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+from natctl.lab import topology
+from natctl.lab.netns import entered, run, spawn, stop
+from natctl.lab.traffic import drain, payload, send_and_receive, udp_socket
+
+pytestmark = pytest.mark.kernel
+HOST_PORT = 27015
+
+
+@pytest.fixture
+def socks(lab):
+    """A game socket per lab member; each says hello to the relay, as registering does."""
+    out = {name: udp_socket(lab.ns(name), port=HOST_PORT if name.startswith("host") else 40000 + i)
+           for i, name in enumerate(lab.members)}
+    for s in out.values():
+        topology.say_hello(s, lab)
+    yield out
+    for s in out.values():
+        s.close()
+
+
+def pub(lab, socks, name):
+    return f"{lab.members[name].public_ip}:{socks[name].getsockname()[1]}"
+
+
+def add(relay, lab, socks, lobby, host, client):
+    return relay.json("map", "add", "--lobby", lobby, "--host", pub(lab, socks, host), "--client",
+                      pub(lab, socks, client))
+
+
+def test_udp_both_ways_payload_and_addresses(lab, relay, socks):
+    relay("lobby", "create", "a", "--allow", "198.18.2.0/24")
+    m1 = add(relay, lab, socks, "a", "host", "client1")
+    m2 = add(relay, lab, socks, "a", "host", "client2")
+    assert m1["host_port"] == m2["host_port"]
+    # Two clients behind one home router (one public IP) get different client ports.
+    assert m1["client_port"] != m2["client_port"]
+    r = lab.relay_ip
+    for size in (1, 64, 512, 1472):
+        d = send_and_receive(socks["client1"], socks["host"], (r, m1["host_port"]), payload(size))
+        assert d.intact and d.seen_from == (r, m1["client_port"]), d
+        d = send_and_receive(socks["host"], socks["client1"], (r, m1["client_port"]), payload(size))
+        assert d.intact and d.seen_from == (r, m1["host_port"]), d
+    # Host first: client2 has never sent to the lobby, yet the host's packet reaches it.
+    d = send_and_receive(socks["host"], socks["client2"], (r, m2["client_port"]), payload(300))
+    assert d.intact and d.seen_from == (r, m2["host_port"]), d
+    d = send_and_receive(socks["client2"], socks["host"], (r, m2["host_port"]), payload(300))
+    assert d.intact and d.seen_from == (r, m2["client_port"]), d
+    status = relay.json("status")
+    counts = {m["client"]: (m["to_host_packets"], m["to_client_packets"]) for m in status["mappings"]}
+    assert counts[pub(lab, socks, "client1")] == (4, 4)
+    assert counts[pub(lab, socks, "client2")] == (1, 1)
+
+
+def test_lobbies_are_isolated(lab, relay, socks):
+    relay("lobby", "create", "a")
+    relay("lobby", "create", "b")
+    ma = add(relay, lab, socks, "a", "host", "client1")
+    mb = add(relay, lab, socks, "b", "host2", "client2")
+    assert ma["client_port"] == mb["client_port"]  # client ports are reused across lobbies
+    r = lab.relay_ip
+    # client1 (lobby a) tries every relay port in use: lobby b's host never hears it.
+    for port in {ma["host_port"], ma["client_port"], mb["host_port"], mb["client_port"]}:
+        socks["client1"].sendto(b"probe %d" % port, (r, port))
+        socks["stranger"].sendto(b"stranger %d" % port, (r, port))
+    time.sleep(0.3)
+    assert drain(socks["host2"]) == []
+    got = drain(socks["host"])
+    assert [data for data, _ in got] == [b"probe %d" % ma["host_port"]]
+    assert drain(socks["client2"]) == []
+    # Lobby b still works on its own.
+    d = send_and_receive(socks["client2"], socks["host2"], (r, mb["host_port"]), payload(100))
+    assert d.intact and d.seen_from == (r, mb["client_port"])
+
+
+def test_tcp_forward_with_socat_on_both_ends(lab, relay, tmp_path):
+    port = 7000
+    topology.open_home_port(lab, "host2", port)
+    banner = b"natctl-tcp-" + os.urandom(4).hex().encode()
+    server = spawn(["socat", f"TCP-LISTEN:{port},reuseaddr,fork", f"SYSTEM:echo {banner.decode()}; cat"],
+                   ns=lab.ns("host2"))
+    try:
+        relay("forward", "add", "--port", str(port), "--to", f"{lab.members['host2'].public_ip}:{port}",
+              "--proto", "tcp")
+        blob = os.urandom(200_000)
+        src = tmp_path / "blob"
+        src.write_bytes(blob)
+        deadline = time.monotonic() + 5
+        while True:  # socat may need a moment to listen
+            out = run(["bash", "-o", "pipefail", "-c", f"socat -t 2 - TCP:{lab.relay_ip}:{port} < {src} | sha256sum"],
+                      ns=lab.ns("client1"), check=False)
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[0] == hashlib.sha256(banner + b"\n" + blob).hexdigest()
+        fwd = relay.json("status")["forwards"][0]
+        assert fwd["installed"] and fwd["packets"] > 0
+    finally:
+        stop(server)
+
+
+def test_removing_a_mapping_stops_its_flow_within_a_second(lab, relay, socks):
+    relay("lobby", "create", "a")
+    m = add(relay, lab, socks, "a", "host", "client1")
+    r, sent = lab.relay_ip, 0
+    client, host = socks["client1"], socks["host"]
+    host.settimeout(0.05)
+    for _ in range(10):  # an ongoing flow
+        client.sendto(b"x", (r, m["host_port"]))
+        sent += 1
+    time.sleep(0.2)
+    assert len(drain(host)) == sent
+    relay("map", "remove", "--lobby", "a", "--client", pub(lab, socks, "client1"))
+    removed_at = time.monotonic()
+    last_arrival = None
+    while time.monotonic() - removed_at < 1.5:  # bounded: 1.5 s, about 75 packets
+        client.sendto(b"y", (r, m["host_port"]))
+        if drain(host):
+            last_arrival = time.monotonic()
+        time.sleep(0.02)
+    assert last_arrival is None or last_arrival - removed_at < 1.0
+
+
+def listing(lab) -> list:
+    """The table as the kernel holds it, without handles (they change when a table is rebuilt)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "handle"}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+    doc = json.loads(run(["nft", "-j", "list", "table", "inet", "natctl"], ns=lab.relay_ns).stdout)
+    return strip([item for item in doc["nftables"] if "metainfo" not in item])
+
+
+def test_apply_twice_changes_nothing_and_uninstall_touches_only_natctl(lab, relay, socks):
+    relay("lobby", "create", "a")
+    add(relay, lab, socks, "a", "host", "client1")
+    before = listing(lab)
+    result = relay.json("apply")
+    assert (result["added"], result["deleted"], result["created_table"]) == (0, 0, False)
+    assert listing(lab) == before
+    run(["nft", "add", "table", "inet", "someone_else"], ns=lab.relay_ns)
+    try:
+        relay("uninstall")
+        assert run(["nft", "list", "table", "inet", "natctl"], ns=lab.relay_ns, check=False).returncode != 0
+        assert run(["nft", "list", "table", "inet", "someone_else"], ns=lab.relay_ns, check=False).returncode == 0
+        # The store is the truth: apply rebuilds the same table.
+        assert relay.json("apply")["created_table"]
+        assert listing(lab) == before
+    finally:
+        run(["nft", "delete", "table", "inet", "someone_else"], ns=lab.relay_ns, check=False)
+
+
+def test_a_refused_transaction_changes_nothing(lab, relay, socks):
+    from natctl.kernel.nft import Nft
+    from natctl.plan import DNAT, Changes, Element
+
+    relay("lobby", "create", "a")
+    add(relay, lab, socks, "a", "host", "client1")
+    before = listing(lab)
+    good = Element(DNAT, ("198.18.2.2", "udp", 1, 2), ("198.18.1.2", 3))
+    bad = Element(DNAT, ("198.18.2.2", "udp", 1, 70000), ("198.18.1.2", 3))  # port out of range
+    with entered(lab.relay_ns):
+        nft = Nft()
+        with pytest.raises(Exception, match="nothing was applied"):
+            nft.apply(Changes(add=(good, bad)))
+    assert listing(lab) == before

@@ -1,0 +1,94 @@
+"""The service over a fake kernel: atomicity, idempotence, and the error cases."""
+
+import pytest
+
+from natctl.config import Settings
+from natctl.errors import Conflict, Exhausted, KernelError, NotFound
+from natctl.kernel.backend import FakeKernel
+from natctl.model import Endpoint, PortRange
+from natctl.service import Service
+
+H, C1, C2 = Endpoint("198.18.1.2", 27015), Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.2", 40002)
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.setattr("natctl.service.local_port_overlap", lambda ports: None)
+    kernel = FakeKernel()
+    s = Service(Settings(state=str(tmp_path / "s.db"), relay_ip="198.18.0.1", ports=PortRange(20000, 20009)),
+                kernel_factory=lambda: kernel)
+    s.fake = kernel
+    yield s
+    s.close()
+
+
+def test_map_add_allocates_and_installs(svc):
+    svc.lobby_create("a")
+    (m,) = svc.map_add("a", H, [C1])
+    assert (m.host_port, m.client_port) == (20009, 20000)
+    assert len(svc.fake.installed.elements) == 6
+    (m2,) = svc.map_add("a", H, [C2])
+    assert (m2.host_port, m2.client_port) == (20009, 20001)
+    assert svc.apply().changed is False  # a second apply sends nothing
+    assert len(svc.fake.scripts) == 3
+
+
+def test_kernel_refusal_leaves_store_unchanged(svc):
+    svc.lobby_create("a")
+    svc.map_add("a", H, [C1])
+    svc.fake.fail = True
+    with pytest.raises(KernelError):
+        svc.map_add("a", H, [C2])
+    with pytest.raises(KernelError):
+        svc.lobby_close("a")
+    assert [m.client for m in svc.mappings()] == [str(C1)]
+    assert [lb.name for lb in svc.lobbies()] == ["a"]
+
+
+def test_errors_say_what_to_do(svc):
+    svc.lobby_create("a", allow=("198.18.2.0/24",))
+    with pytest.raises(Conflict, match="already open"):
+        svc.lobby_create("a")
+    with pytest.raises(NotFound, match="natctl lobby list"):
+        svc.map_add("nope", H, [C1])
+    with pytest.raises(Conflict, match="not allowed"):
+        svc.map_add("a", H, [Endpoint("198.18.7.7", 1)])
+    svc.map_add("a", H, [C1])
+    with pytest.raises(Conflict, match="already mapped"):
+        svc.map_add("a", H, [C1])
+    with pytest.raises(Conflict, match="already has host"):
+        svc.map_add("a", Endpoint("198.18.1.3", 1), [C2])
+    svc.lobby_create("b")
+    with pytest.raises(Conflict, match="hosts another lobby"):
+        svc.map_add("b", H, [C2])
+    with pytest.raises(NotFound):
+        svc.map_remove("a", C2)
+
+
+def test_port_exhaustion_is_atomic(svc):
+    svc.lobby_create("a", open_=True, max_clients=100)
+    clients = [Endpoint("198.18.2.2", 40000 + i) for i in range(20)]
+    with pytest.raises(Exhausted, match="20000-20009"):
+        svc.map_add("a", H, clients)
+    assert svc.mappings() == [] and svc.fake.installed.elements == set()
+
+
+def test_close_frees_ports_for_the_next_lobby(svc):
+    svc.lobby_create("a")
+    svc.map_add("a", H, [C1])
+    svc.lobby_close("a")
+    assert svc.fake.installed.elements == set()
+    svc.lobby_create("a")  # the name is free again
+    (m,) = svc.map_add("a", Endpoint("198.18.1.9", 1), [C1])
+    assert m.host_port == 20009
+
+
+def test_forwards(svc):
+    svc.forward_add(8080, Endpoint("198.18.9.9", 80), "both", ttl=3600)
+    with pytest.raises(Conflict, match="already forwarded"):
+        svc.forward_add(8080, Endpoint("198.18.9.9", 81))
+    with pytest.raises(Conflict, match="reserved"):
+        svc.forward_add(20005, Endpoint("198.18.9.9", 81))
+    assert [f.port for f in svc.forwards()] == [8080]
+    svc.forward_remove(8080)
+    assert svc.fake.installed.elements == set()
