@@ -20,6 +20,9 @@ ACCT = "acct4"  # saddr . proto . sport . daddr . dport (post-NAT, counts packet
 FWD = "fwd4"  # proto . dport                         : daddr . dport
 FWDACCT = "fwdacct4"  # daddr . proto . dport (post-DNAT, counts packets)
 MASQ = "masq4"  # daddr . proto . dport                  : masquerade these
+# The XDP accelerator's map (UDP only): the whole rewrite of one direction.
+XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new dport
+NFT_SETS = frozenset({DNAT, SNAT, ACCT, FWD, FWDACCT, MASQ})
 
 
 @dataclass(frozen=True, order=True)
@@ -98,11 +101,17 @@ def mapping_elements(m: Mapping, relay_ip: str) -> list[Element]:
         Element(SNAT, (h.ip, m.proto, h.port, c.ip, c.port), (relay_ip, m.host_port), tag),
         Element(ACCT, (c.ip, m.proto, c.port, h.ip, h.port), None, tag),
         Element(ACCT, (h.ip, m.proto, h.port, c.ip, c.port), None, tag),
-    ]
+    ] + ([
+        Element(XDP, (c.ip, c.port, m.host_port), (relay_ip, m.client_port, h.ip, h.port), tag),
+        Element(XDP, (h.ip, h.port, m.client_port), (relay_ip, m.host_port, c.ip, c.port), tag),
+    ] if m.proto == "udp" else [])
 
 
-def plan(snap: Snapshot, now: float) -> frozenset[Element]:
-    """Desired kernel elements for a snapshot at time ``now`` (expired things are left out)."""
+def plan(snap: Snapshot, now: float, sets: frozenset[str] | None = None) -> frozenset[Element]:
+    """Desired kernel elements for a snapshot at time ``now`` (expired things are left out).
+
+    ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map).
+    """
     out: list[Element] = []
     for m in mappings(snap, now):
         out += mapping_elements(m, snap.relay_ip)
@@ -116,7 +125,7 @@ def plan(snap: Snapshot, now: float) -> frozenset[Element]:
             out.append(Element(FWDACCT, target, None, tag))
             if f.masquerade:
                 out.append(Element(MASQ, target, None, tag))
-    return frozenset(out)
+    return frozenset(e for e in out if sets is None or e.set in sets)
 
 
 def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool = True) -> Changes:

@@ -87,7 +87,7 @@ class Service:
 
     def _sync(self, store: Store) -> tuple[SyncResult, planner.Changes]:
         start = time.perf_counter()
-        desired = planner.plan(store.snapshot(self.relay_ip), self.clock())
+        desired = planner.plan(store.snapshot(self.relay_ip), self.clock(), self.kernel.owns)
         installed = self.kernel.read()
         changes = planner.diff(desired, installed.elements, installed.table_ok)
         self.kernel.apply(changes)

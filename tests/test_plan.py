@@ -2,7 +2,7 @@
 
 from natctl.kernel.nft import render
 from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
-from natctl.plan import ACCT, DNAT, FWD, MASQ, SNAT, Element, diff, plan
+from natctl.plan import ACCT, DNAT, FWD, MASQ, NFT_SETS, SNAT, XDP, Element, diff, plan
 
 H = Endpoint("198.18.1.2", 27015)
 C1, C2 = Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.2", 40002)
@@ -16,7 +16,7 @@ def snap(**kw) -> Snapshot:
 
 
 def test_both_directions_of_every_mapping():
-    want = plan(snap(), now=1.0)
+    want = plan(snap(), now=1.0, sets=NFT_SETS)
     assert Element(DNAT, ("198.18.2.2", "udp", 40001, 29999), ("198.18.1.2", 27015)) in want
     assert Element(DNAT, ("198.18.1.2", "udp", 27015, 20000), ("198.18.2.2", 40001)) in want
     assert Element(SNAT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015), ("198.18.0.1", 20000)) in want
@@ -40,9 +40,9 @@ def test_forwards_and_their_expiry():
 
 
 def test_diff_is_empty_when_kernel_matches_and_minimal_otherwise():
-    want = plan(snap(), 1.0)
+    want = plan(snap(), 1.0, NFT_SETS)
     assert not diff(want, want)
-    one_less = plan(snap(clients=(Client(1, 1, "udp", C1, 20000),)), 1.0)
+    one_less = plan(snap(clients=(Client(1, 1, "udp", C1, 20000),)), 1.0, NFT_SETS)
     changes = diff(want, one_less)
     assert len(changes.add) == 6 and not changes.delete  # only client2's elements
     changes = diff(one_less, want)
@@ -52,7 +52,7 @@ def test_diff_is_empty_when_kernel_matches_and_minimal_otherwise():
 
 
 def test_changed_relay_ip_swaps_values_in_one_transaction():
-    old, new = plan(snap(), 1.0), plan(snap(relay_ip="198.18.0.9"), 1.0)
+    old, new = plan(snap(), 1.0, NFT_SETS), plan(snap(relay_ip="198.18.0.9"), 1.0, NFT_SETS)
     changes = diff(new, old)
     assert {e.set for e in changes.add} == {SNAT} and len(changes.add) == len(changes.delete) == 4
     script = render(changes)
@@ -60,9 +60,19 @@ def test_changed_relay_ip_swaps_values_in_one_transaction():
 
 
 def test_missing_table_recreates_everything():
-    want = plan(snap(), 1.0)
+    want = plan(snap(), 1.0, NFT_SETS)
     changes = diff(want, set(), table_ok=False)
     assert changes.create_table and len(changes.add) == len(want)
     script = render(changes)
     assert script.startswith("add table inet natctl\ndelete table inet natctl\ntable inet natctl {")
     assert "dnat ip to ip saddr . meta l4proto . th sport . th dport map @dnat4" in script
+
+
+def test_xdp_entries_mirror_both_udp_directions():
+    want = plan(snap(), 1.0)
+    xdp = {e.key: e.value for e in want if e.set == XDP}
+    assert xdp[("198.18.2.2", 40001, 29999)] == ("198.18.0.1", 20000, "198.18.1.2", 27015)
+    assert xdp[("198.18.1.2", 27015, 20000)] == ("198.18.0.1", 29999, "198.18.2.2", 40001)
+    assert len(xdp) == 4
+    tcp = snap(clients=(Client(1, 1, "tcp", C1, 20000),))
+    assert not [e for e in plan(tcp, 1.0) if e.set == XDP]

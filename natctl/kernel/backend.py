@@ -10,11 +10,12 @@ from typing import Protocol
 
 from natctl.errors import KernelError
 from natctl.kernel.nft import Installed, render
-from natctl.plan import Changes
+from natctl.plan import NFT_SETS, Changes
 
 
 class Kernel(Protocol):
     name: str
+    owns: frozenset[str]  # the plan's sets this backend installs (see natctl.plan)
 
     def read(self) -> Installed: ...
 
@@ -27,6 +28,7 @@ class Kernel(Protocol):
 
 class NftKernel:
     name = "nftables"
+    owns = NFT_SETS
 
     def __init__(self) -> None:
         from natctl.kernel.nft import Nft
@@ -52,6 +54,7 @@ class FakeKernel:
     """In-memory kernel: all of a transaction or nothing, and a log of scripts sent."""
 
     name = "fake"
+    owns = NFT_SETS
 
     def __init__(self, fail: bool = False) -> None:
         self.installed = Installed()
