@@ -103,6 +103,17 @@ class Service:
             pass
         return self.last_sync
 
+    def cleanup(self, apply: bool = True) -> dict[str, list]:
+        """Close lobbies past their TTL and remove forwards past theirs, in one change."""
+        now = self.clock()
+        with self._change(apply) as store:
+            lobbies, forwards = store.expired(now)
+            for lb in lobbies:
+                store.close_lobby(lb.id, now)
+            for f in forwards:
+                store.remove_forward(f.port)
+        return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards]}
+
     def uninstall(self) -> bool:
         return self.kernel.uninstall()
 

@@ -207,5 +207,9 @@ class Store:
             "INSERT INTO forwards (port, proto, ip, target_port, ttl, created, masquerade, owner) VALUES (?,?,?,?,?,?,?,?)",
             (f.port, f.proto, f.target.ip, f.target.port, f.ttl, f.created, int(f.masquerade), f.owner))
 
+    def expired(self, now: float) -> tuple[list[Lobby], list[Forward]]:
+        """Open lobbies past their TTL and forwards past theirs."""
+        return ([lb for lb in self.lobbies() if lb.expired(now)], [f for f in self.forwards() if f.expired(now)])
+
     def remove_forward(self, port: int) -> None:
         self.db.execute("DELETE FROM forwards WHERE port=?", (port,))

@@ -92,3 +92,16 @@ def test_forwards(svc):
     assert [f.port for f in svc.forwards()] == [8080]
     svc.forward_remove(8080)
     assert svc.fake.installed.elements == set()
+
+
+def test_cleanup_removes_what_expired(svc):
+    now = [1000.0]
+    svc.clock = lambda: now[0]
+    svc.lobby_create("short", ttl=60)
+    svc.lobby_create("long", ttl=3600)
+    svc.map_add("short", H, [C1])
+    svc.forward_add(8080, Endpoint("198.18.9.9", 80), ttl=60)
+    assert svc.cleanup() == {"lobbies": [], "forwards": []}
+    now[0] += 61
+    assert svc.cleanup() == {"lobbies": ["short"], "forwards": [8080]}
+    assert [lb.name for lb in svc.lobbies()] == ["long"] and svc.fake.installed.elements == set()

@@ -89,6 +89,16 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def cleanup(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Remove what has expired (lobby and forward TTLs), once; for cron and the systemd timer."""
+    gone = service(ctx).cleanup()
+    if as_json:
+        emit_json(gone)
+    else:
+        say(f"closed {len(gone['lobbies'])} expired lobbies, removed {len(gone['forwards'])} expired forwards")
+
+
+@app.command()
 def uninstall(ctx: typer.Context) -> None:
     """Remove everything natctl installed in the kernel; the store stays ('natctl apply' restores)."""
     if service(ctx).uninstall():
