@@ -20,9 +20,10 @@ ACCT = "acct4"  # saddr . proto . sport . daddr . dport (post-NAT, counts packet
 FWD = "fwd4"  # proto . dport                         : daddr . dport
 FWDACCT = "fwdacct4"  # daddr . proto . dport (post-DNAT, counts packets)
 MASQ = "masq4"  # daddr . proto . dport                  : masquerade these
+HOSTPORTS = "hostports4"  # dport: host relay ports, where unknown senders reach the daemon
 # The XDP accelerator's map (UDP only): the whole rewrite of one direction.
 XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new dport
-NFT_SETS = frozenset({DNAT, SNAT, ACCT, FWD, FWDACCT, MASQ})
+NFT_SETS = frozenset({DNAT, SNAT, ACCT, FWD, FWDACCT, MASQ, HOSTPORTS})
 
 
 @dataclass(frozen=True, order=True)
@@ -77,17 +78,25 @@ class Mapping:
     client: Endpoint
     host_port: int
     client_port: int
+    client_id: int = 0
+
+
+def live_hosts(snap: Snapshot, now: float) -> dict[int, Host]:
+    """Hosts of open, unexpired lobbies, by lobby id."""
+    live = {lb.id for lb in snap.lobbies if lb.closed is None and not lb.expired(now)}
+    return {h.lobby_id: h for h in snap.hosts if h.lobby_id in live}
 
 
 def mappings(snap: Snapshot, now: float) -> list[Mapping]:
     """The live mappings: clients of open, unexpired lobbies that have a host."""
-    live = {lb.id: lb for lb in snap.lobbies if lb.closed is None and not lb.expired(now)}
-    hosts: dict[int, Host] = {h.lobby_id: h for h in snap.hosts if h.lobby_id in live}
+    live = {lb.id: lb for lb in snap.lobbies}
+    hosts = live_hosts(snap, now)
     out = []
     for c in snap.clients:
         host = hosts.get(c.lobby_id)
         if host is not None:
-            out.append(Mapping(live[c.lobby_id].name, c.proto, host.addr, c.addr, host.relay_port, c.relay_port))
+            out.append(Mapping(live[c.lobby_id].name, c.proto, host.addr, c.addr, host.relay_port, c.relay_port,
+                               c.id))
     return out
 
 
@@ -112,7 +121,7 @@ def plan(snap: Snapshot, now: float, sets: frozenset[str] | None = None) -> froz
 
     ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map).
     """
-    out: list[Element] = []
+    out: list[Element] = [Element(HOSTPORTS, (h.relay_port,)) for h in live_hosts(snap, now).values()]
     for m in mappings(snap, now):
         out += mapping_elements(m, snap.relay_ip)
     for f in snap.forwards:

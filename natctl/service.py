@@ -8,27 +8,24 @@ change leaves both exactly as they were.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from natctl import plan as planner
 from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
-from natctl.errors import Conflict, NotFound, UsageError
+from natctl.errors import Conflict, KernelError, NotFound, UsageError
 from natctl.kernel.backend import Kernel
 from natctl.model import Client, Endpoint, Forward, Host, Lobby
+from natctl.relayops import RelayOps, hash_token
 from natctl.store import Store
 from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class Service:
+class Service(RelayOps):
     def __init__(self, settings: Settings, kernel_factory: Callable[[], Kernel] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -71,31 +68,52 @@ class Service:
     # --- the one way to change state
 
     @contextmanager
-    def _change(self, apply: bool = True) -> Iterator[Store]:
-        """Store rows and kernel change together, or neither."""
+    def _change(self, apply: bool = True, scope: int | None = None) -> Iterator[Store]:
+        """Store rows and kernel change together, or neither.
+
+        With ``scope`` (a lobby id) only that lobby's elements are planned,
+        before and after the change, and their difference applied: the
+        daemon's fast path, which trusts that the kernel mirrors the store (it
+        reconciles in full at start and periodically). Without it, the whole
+        desired state is diffed against what the kernel holds.
+        """
         if apply:
             self.kernel  # fail fast (not root, no binding) before touching the store
         store = self.store
-        result: SyncResult | None = None
+        changes = planner.Changes()
         with store.write():
+            before = self._plan_lobby(store, scope) if apply and scope is not None else None
             yield store
             if apply:
-                result, changes = self._sync(store)
-        if apply and result is not None:
-            self.last_sync = result
-            self._forget(changes)
+                start = time.perf_counter()
+                scoped = self._apply_scoped(store, scope, before) if before is not None else None
+                changes = scoped if scoped is not None else self._apply_full(store)
+                self.last_sync = SyncResult(self.kernel.name, len(changes.add), len(changes.delete),
+                                            changes.create_table, 0, time.perf_counter() - start)
+        if changes.delete:
+            self.last_sync = replace(self.last_sync, flows_forgotten=self._forget(changes))
 
-    def _sync(self, store: Store) -> tuple[SyncResult, planner.Changes]:
-        start = time.perf_counter()
+    def _apply_scoped(self, store: Store, scope: int | None, before: frozenset) -> planner.Changes | None:
+        """Apply one lobby's difference; None if the kernel refused it (it drifted from the store)."""
+        changes = planner.diff(self._plan_lobby(store, scope or 0), before)
+        try:
+            self.kernel.apply(changes)
+        except KernelError:
+            return None
+        return changes
+
+    def _apply_full(self, store: Store) -> planner.Changes:
         desired = planner.plan(store.snapshot(self.relay_ip), self.clock(), self.kernel.owns)
         installed = self.kernel.read()
         changes = planner.diff(desired, installed.elements, installed.table_ok)
         self.kernel.apply(changes)
-        return SyncResult(self.kernel.name, len(changes.add), len(changes.delete), changes.create_table, 0,
-                          time.perf_counter() - start), changes
+        return changes
+
+    def _plan_lobby(self, store: Store, lobby_id: int) -> frozenset[planner.Element]:
+        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id), self.clock(), self.kernel.owns)
 
     def _forget(self, changes: planner.Changes) -> int:
-        return self.kernel.forget(changes) if changes.delete else 0
+        return self.kernel.forget(changes)
 
     def apply(self) -> SyncResult:
         """Make the kernel hold exactly what the store says (a no-op when it already does)."""
@@ -104,7 +122,7 @@ class Service:
         return self.last_sync
 
     def cleanup(self, apply: bool = True) -> dict[str, list]:
-        """Close lobbies past their TTL and remove forwards past theirs, in one change."""
+        """Close lobbies past their TTL, remove forwards past theirs, then mappings that went idle."""
         now = self.clock()
         with self._change(apply) as store:
             lobbies, forwards = store.expired(now)
@@ -112,7 +130,8 @@ class Service:
                 store.close_lobby(lb.id, now)
             for f in forwards:
                 store.remove_forward(f.port)
-        return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards]}
+        idle = self.expire_idle(apply) if apply else []
+        return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards], "idle": idle}
 
     def uninstall(self) -> bool:
         return self.kernel.uninstall()
@@ -220,7 +239,7 @@ class Service:
             store.remove_client(c.id)
 
     def mappings(self, counters: bool = False) -> list[MappingView]:
-        snap = self.store.snapshot(self._relay_ip)
+        snap = self.store.snapshot(self.relay_ip)
         installed = self.kernel.read() if counters else None
         out = []
         seen = {c.relay_port: c.last_seen for c in snap.clients}

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS clients (
   relay_port INTEGER NOT NULL,
   created REAL NOT NULL,
   last_seen REAL NOT NULL,
+  activity INTEGER NOT NULL DEFAULT 0,  -- kernel packet count when last_seen was set
   UNIQUE (lobby_id, proto, ip, port)
 );
 CREATE TABLE IF NOT EXISTS forwards (
@@ -132,6 +133,17 @@ class Store:
             forwards=tuple(_forward(r) for r in q("SELECT * FROM forwards ORDER BY port")),
         )
 
+    def snapshot_lobby(self, relay_ip: str, lobby_id: int) -> Snapshot:
+        """The part of the snapshot that one lobby's elements depend on."""
+        q = self.db.execute
+        return Snapshot(
+            relay_ip=relay_ip,
+            lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE id=? AND closed IS NULL", (lobby_id,))),
+            hosts=tuple(Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"])
+                        for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
+            clients=tuple(_client(r) for r in q("SELECT * FROM clients WHERE lobby_id=? ORDER BY id", (lobby_id,))),
+        )
+
     def lobby(self, name: str) -> Lobby | None:
         r = self.db.execute("SELECT * FROM lobbies WHERE name=? AND closed IS NULL", (name,)).fetchone()
         return _lobby(r) if r else None
@@ -143,6 +155,28 @@ class Store:
     def host(self, lobby_id: int) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,)).fetchone()
         return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+
+    def host_by_port(self, relay_port: int) -> Host | None:
+        r = self.db.execute("SELECT * FROM hosts WHERE relay_port=?", (relay_port,)).fetchone()
+        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+
+    def host_ports(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT relay_port FROM hosts")]
+
+    def is_host_port(self, port: int) -> bool:
+        return self.db.execute("SELECT 1 FROM hosts WHERE relay_port=?", (port,)).fetchone() is not None
+
+    def lobby_by_id(self, lobby_id: int) -> Lobby | None:
+        r = self.db.execute("SELECT * FROM lobbies WHERE id=?", (lobby_id,)).fetchone()
+        return _lobby(r) if r else None
+
+    def lobbies_by_token(self, token_hash: str) -> list[Lobby]:
+        return [_lobby(r) for r in self.db.execute(
+            "SELECT * FROM lobbies WHERE token_hash=? AND closed IS NULL", (token_hash,))]
+
+    def activity(self) -> dict[int, tuple[int, float]]:
+        """client id -> (packet count last seen, when)."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT id, activity, last_seen FROM clients")}
 
     def host_at(self, addr: Endpoint) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE ip=? AND port=?", (addr.ip, addr.port)).fetchone()
@@ -174,10 +208,9 @@ class Store:
             "INSERT INTO lobbies (name, allow, ttl, created, token_hash, open, max_clients) VALUES (?,?,?,?,?,?,?)",
             (lobby.name, json.dumps(list(lobby.allow)), lobby.ttl, lobby.created or time.time(),
              lobby.token_hash, int(lobby.open), lobby.max_clients))
-        return self._lobby_by_id(cur.lastrowid)
-
-    def _lobby_by_id(self, lobby_id: int | None) -> Lobby:
-        return _lobby(self.db.execute("SELECT * FROM lobbies WHERE id=?", (lobby_id,)).fetchone())
+        lobby = self.lobby_by_id(cur.lastrowid or 0)
+        assert lobby is not None
+        return lobby
 
     def close_lobby(self, lobby_id: int, when: float) -> None:
         self.db.execute("DELETE FROM clients WHERE lobby_id=?", (lobby_id,))
@@ -198,9 +231,10 @@ class Store:
     def remove_client(self, client_id: int) -> None:
         self.db.execute("DELETE FROM clients WHERE id=?", (client_id,))
 
-    def touch_clients(self, seen: dict[int, float]) -> None:
-        self.db.executemany("UPDATE clients SET last_seen=? WHERE id=? AND last_seen<?",
-                            [(t, cid, t) for cid, t in seen.items()])
+    def touch_clients(self, seen: dict[int, tuple[int, float]]) -> None:
+        """Record new packet counts (client id -> (count, when))."""
+        self.db.executemany("UPDATE clients SET activity=?, last_seen=? WHERE id=?",
+                            [(count, when, cid) for cid, (count, when) in seen.items()])
 
     def add_forward(self, f: Forward) -> None:
         self.db.execute(

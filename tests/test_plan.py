@@ -2,7 +2,7 @@
 
 from natctl.kernel.nft import render
 from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
-from natctl.plan import ACCT, DNAT, FWD, MASQ, NFT_SETS, SNAT, XDP, Element, diff, plan
+from natctl.plan import ACCT, DNAT, FWD, HOSTPORTS, MASQ, NFT_SETS, SNAT, XDP, Element, diff, plan
 
 H = Endpoint("198.18.1.2", 27015)
 C1, C2 = Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.2", 40002)
@@ -22,7 +22,8 @@ def test_both_directions_of_every_mapping():
     assert Element(SNAT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015), ("198.18.0.1", 20000)) in want
     assert Element(SNAT, ("198.18.1.2", "udp", 27015, "198.18.2.2", 40001), ("198.18.0.1", 29999)) in want
     assert len([e for e in want if e.set == ACCT]) == 4
-    assert len(want) == 12
+    assert Element(HOSTPORTS, (29999,)) in want  # where unknown senders reach the daemon
+    assert len(want) == 13
 
 
 def test_closed_expired_and_hostless_lobbies_plan_nothing():
@@ -33,10 +34,10 @@ def test_closed_expired_and_hostless_lobbies_plan_nothing():
 
 def test_forwards_and_their_expiry():
     f = Forward(8080, Endpoint("198.18.9.9", 80), "both", ttl=60, created=0.0)
-    want = plan(snap(clients=(), forwards=(f,)), 1.0)
+    want = plan(snap(clients=(), hosts=(), forwards=(f,)), 1.0)
     assert {e.key for e in want if e.set == FWD} == {("udp", 8080), ("tcp", 8080)}
     assert {e.key for e in want if e.set == MASQ} == {("198.18.9.9", "udp", 80), ("198.18.9.9", "tcp", 80)}
-    assert plan(snap(clients=(), forwards=(f,)), 60.0) == frozenset()
+    assert plan(snap(clients=(), hosts=(), forwards=(f,)), 60.0) == frozenset()
 
 
 def test_diff_is_empty_when_kernel_matches_and_minimal_otherwise():

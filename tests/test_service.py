@@ -26,7 +26,7 @@ def test_map_add_allocates_and_installs(svc):
     svc.lobby_create("a")
     (m,) = svc.map_add("a", H, [C1])
     assert (m.host_port, m.client_port) == (20009, 20000)
-    assert len(svc.fake.installed.elements) == 6
+    assert len(svc.fake.installed.elements) == 7  # 6 for the mapping, 1 host port
     (m2,) = svc.map_add("a", H, [C2])
     assert (m2.host_port, m2.client_port) == (20009, 20001)
     assert svc.apply().changed is False  # a second apply sends nothing
@@ -101,7 +101,26 @@ def test_cleanup_removes_what_expired(svc):
     svc.lobby_create("long", ttl=3600)
     svc.map_add("short", H, [C1])
     svc.forward_add(8080, Endpoint("198.18.9.9", 80), ttl=60)
-    assert svc.cleanup() == {"lobbies": [], "forwards": []}
+    assert svc.cleanup() == {"lobbies": [], "forwards": [], "idle": []}
     now[0] += 61
-    assert svc.cleanup() == {"lobbies": ["short"], "forwards": [8080]}
+    assert svc.cleanup() == {"lobbies": ["short"], "forwards": [8080], "idle": []}
     assert [lb.name for lb in svc.lobbies()] == ["long"] and svc.fake.installed.elements == set()
+
+
+def test_idle_mappings_expire_by_kernel_counters(svc):
+    from dataclasses import replace
+
+    from natctl.plan import ACCT
+
+    now = [1000.0]
+    svc.clock = lambda: now[0]
+    svc.settings = replace(svc.settings, idle_timeout=60)
+    svc.lobby_create("a")
+    svc.map_add("a", H, [C1, C2])
+    busy_key = (ACCT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015))
+    for step in range(1, 4):  # C1 keeps sending; C2 is silent
+        now[0] += 30
+        svc.fake.installed.counters[busy_key] = (step * 10, step * 640)
+        gone = svc.expire_idle()
+        assert gone == ([] if step < 2 else ["a/udp/198.18.2.2:40002"] if step == 2 else [])
+    assert [m.client for m in svc.mappings()] == [str(C1)]

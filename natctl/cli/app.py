@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from natctl import __version__
-from natctl.cli import forward, lobby, maps
+from natctl.cli import daemon, forward, lobby, maps
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
@@ -24,6 +24,8 @@ app = typer.Typer(
 app.add_typer(lobby.app, name="lobby")
 app.add_typer(maps.app, name="map")
 app.add_typer(forward.app, name="forward")
+app.command()(daemon.serve)
+app.command("install-units")(daemon.install_units)
 
 
 def _version(value: bool) -> None:
@@ -95,7 +97,8 @@ def cleanup(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(gone)
     else:
-        say(f"closed {len(gone['lobbies'])} expired lobbies, removed {len(gone['forwards'])} expired forwards")
+        say(f"closed {len(gone['lobbies'])} expired lobbies, removed {len(gone['forwards'])} expired forwards "
+            f"and {len(gone['idle'])} idle mappings")
 
 
 @app.command()

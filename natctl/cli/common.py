@@ -13,12 +13,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts (s
 NoApplyOpt = Annotated[bool, typer.Option("--no-apply", help="Change the store only; 'natctl apply' installs later.")]
 
 
+def settings(ctx: typer.Context, **extra: Any) -> config.Settings:
+    """Settings from the config file, NATCTL_* variables, global options and ``extra`` (a command's own)."""
+    obj: dict[str, Any] = ctx.find_root().obj
+    return config.load({**obj["overrides"], **extra}, obj.get("config"))
+
+
 def service(ctx: typer.Context) -> Service:
     """One Service per invocation, built on first use from the global options."""
     obj: dict[str, Any] = ctx.find_root().obj
     if "service" not in obj:
-        settings = config.load(obj["overrides"], obj.get("config"))
-        obj["service"] = Service(settings, kernel_factory=obj.get("kernel_factory"))
+        obj["service"] = Service(settings(ctx), kernel_factory=obj.get("kernel_factory"))
         ctx.find_root().call_on_close(obj["service"].close)
     return obj["service"]
 

@@ -13,12 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from natctl.errors import KernelError
-from natctl.plan import ACCT, DNAT, FWD, FWDACCT, MASQ, SNAT, Changes, Element
+from natctl.plan import ACCT, DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Element
 
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v1"
+SCHEMA = "schema_v3"
+# Packets natctl's daemon sends itself (a client's first packets, delivered to
+# the host from relay:client_port) carry this mark and skip conntrack, so they
+# never take the tuple the client's own flow will need.
+DELIVERY_MARK = 0x4E415443
+# Unknown senders to host ports reach the daemon at this rate at most.
+UNKNOWN_RATE_PER_SOURCE = "50/second burst 50 packets"
+UNKNOWN_RATE_TOTAL = "2000/second burst 500 packets"
+BLOCK_SECONDS = 60
 CHUNK = 2000  # elements per statement: keeps each line short, still one transaction
 
 # Key and value types of every map/set, in the order plan.py builds tuples.
@@ -29,6 +37,7 @@ TYPES: dict[str, tuple[str, str | None]] = {
     FWD: ("inet_proto . inet_service", "ipv4_addr . inet_service"),
     FWDACCT: ("ipv4_addr . inet_proto . inet_service", None),
     MASQ: ("ipv4_addr . inet_proto . inet_service", None),
+    HOSTPORTS: ("inet_service", None),
 }
 
 L4 = "meta nfproto ipv4 meta l4proto { tcp, udp }"
@@ -48,6 +57,18 @@ def skeleton() -> str:
             '  comment "managed by natctl: edit with the natctl command, not by hand"',
             f"  set {SCHEMA} {{\n    type inet_service\n  }}",
             *sets,
+            # Senders the daemon refused, for a while: dropped here at no cost to it.
+            f"  set blocked4 {{\n    type ipv4_addr . inet_service\n    flags dynamic,timeout\n"
+            f"    timeout {BLOCK_SECONDS}s\n  }}",
+            "  set flood4 {\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout 60s\n  }",
+            "  counter unknown_blocked {\n  }",
+            "  counter unknown_limited {\n  }",
+            # An unknown sender's packets to a host port go to the daemon without a
+            # conntrack entry, so that once it is admitted its next packet is NATed.
+            "  chain rawpre {",
+            "    type filter hook prerouting priority raw; policy accept;",
+            f"    udp dport @{HOSTPORTS} ip saddr . meta l4proto . udp sport . udp dport != @{DNAT} notrack",
+            "  }",
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
             f"    {L4} dnat ip to ip saddr . meta l4proto . th sport . th dport map @{DNAT}",
@@ -57,6 +78,17 @@ def skeleton() -> str:
             "    type filter hook forward priority filter; policy accept;",
             f"    {L4} ip saddr . meta l4proto . th sport . ip daddr . th dport @{ACCT}",
             f"    {L4} ct status dnat ip daddr . meta l4proto . th dport @{FWDACCT}",
+            "  }",
+            "  chain input {",
+            "    type filter hook input priority filter; policy accept;",
+            f'    udp dport @{HOSTPORTS} ip saddr . udp dport @blocked4 counter name "unknown_blocked" drop',
+            f"    udp dport @{HOSTPORTS} update @flood4 {{ ip saddr limit rate over {UNKNOWN_RATE_PER_SOURCE} }}"
+            ' counter name "unknown_limited" drop',
+            f'    udp dport @{HOSTPORTS} limit rate over {UNKNOWN_RATE_TOTAL} counter name "unknown_limited" drop',
+            "  }",
+            "  chain output {",
+            "    type filter hook output priority raw; policy accept;",
+            f"    meta mark {DELIVERY_MARK:#x} notrack",
             "  }",
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
@@ -114,6 +146,7 @@ class Installed:
     present: bool = False  # exists at all
     elements: set[Element] = field(default_factory=set)
     counters: dict[tuple[str, tuple], tuple[int, int]] = field(default_factory=dict)
+    named: dict[str, tuple[int, int]] = field(default_factory=dict)  # named counter objects
 
 
 def _scalar(v: Any) -> Any:
@@ -136,6 +169,8 @@ def parse_listing(doc: dict) -> Installed:
         for kind in ("map", "set", "chain"):
             if kind in item:
                 names.add(item[kind]["name"])
+        if "counter" in item:
+            out.named[item["counter"]["name"]] = (item["counter"]["packets"], item["counter"]["bytes"])
         for kind in ("map", "set"):
             obj = item.get(kind)
             if not obj or obj.get("name") not in TYPES:
@@ -152,7 +187,7 @@ def parse_listing(doc: dict) -> Installed:
                 out.elements.add(Element(obj["name"], key, value, comment))
                 if counter:
                     out.counters[(obj["name"], key)] = (counter["packets"], counter["bytes"])
-    out.table_ok = out.present and names >= {SCHEMA, *TYPES, "prerouting", "forward", "postrouting"}
+    out.table_ok = out.present and names >= {SCHEMA, *TYPES, "rawpre", "prerouting", "forward", "postrouting", "input", "output"}
     return out
 
 
@@ -201,3 +236,8 @@ class Nft:
             return False
         self.run(f"delete table inet {TABLE}")
         return True
+
+
+def block(ip: str, port: int) -> None:
+    """Drop a refused sender's packets to one host port in the kernel for BLOCK_SECONDS."""
+    Nft().run(f"add element inet {TABLE} blocked4 {{ {ip} . {port} }}")

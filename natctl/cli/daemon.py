@@ -1,0 +1,54 @@
+"""natctl serve, and installing it as a service (systemd units, cron)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from natctl.cli.common import say, settings
+
+# The unit files live in the checkout's rules/ (natctl is installed from a checkout, editable).
+RULES = Path(__file__).resolve().parents[2] / "rules"
+
+
+def serve(
+    ctx: typer.Context,
+    registration_port: Annotated[Optional[str], typer.Option(help="UDP port hosts register on. [default: 8809]",
+                                                             show_default=False)] = None,
+    idle_timeout: Annotated[Optional[str], typer.Option(help="Remove mappings idle this long, e.g. 5m.")] = None,
+    cleanup_interval: Annotated[Optional[str], typer.Option(help="How often to clean up, e.g. 30s.")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Serve Prometheus metrics on HOST:PORT, e.g. "
+                                                   "127.0.0.1:9808.")] = None,
+) -> None:
+    """Run the relay daemon: host registration, clients admitted on their first packet, cleanup."""
+    from natctl.daemon.server import serve as run
+
+    raise typer.Exit(run(settings(ctx, registration_port=registration_port, idle_timeout=idle_timeout,
+                                  cleanup_interval=cleanup_interval, metrics=metrics)))
+
+
+def install_units(
+    systemd_dir: Annotated[str, typer.Option(help="Where systemd units go.")] = "/etc/systemd/system",
+    cron_dir: Annotated[str, typer.Option(help="Where the cron file goes (empty: skip cron).")] = "",
+) -> None:
+    """Install natctl.service, natctl-cleanup.service/.timer (and optionally the cron file)."""
+    exe = shutil.which("natctl") or os.path.join(os.path.dirname(sys.executable), "natctl")
+    written = []
+    for name in ("natctl.service", "natctl-cleanup.service", "natctl-cleanup.timer"):
+        text = (RULES / name).read_text().replace("/usr/local/bin/natctl", exe)
+        dest = Path(systemd_dir) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+        written.append(str(dest))
+    if cron_dir:
+        dest = Path(cron_dir) / "natctl"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text((RULES / "natctl.cron").read_text().replace("/usr/local/bin/natctl", exe))
+        written.append(str(dest))
+    say("installed " + ", ".join(written))
+    say("now: systemctl daemon-reload && systemctl enable --now natctl.service natctl-cleanup.timer")

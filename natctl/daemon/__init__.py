@@ -1,0 +1,1 @@
+"""`natctl serve`: registration listener, on-the-fly admission, periodic cleanup."""

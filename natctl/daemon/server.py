@@ -1,0 +1,232 @@
+"""The daemon: registration port, one socket per host relay port, periodic cleanup.
+
+Packets from senders the kernel already maps never reach it; only a host's
+registration and a client's first packets do. SIGTERM stops it without
+touching the kernel: traffic keeps flowing, and the next start reconciles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from natctl.config import Settings
+from natctl.daemon import metrics, wire
+from natctl.daemon.log import log
+from natctl.daemon.ratelimit import RateLimiter
+from natctl.errors import Busy, Conflict, NatctlError, NotFound
+from natctl.kernel.nft import DELIVERY_MARK, block
+from natctl.model import Endpoint
+from natctl.relayops import NotAllowed
+from natctl.service import Service
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+REFRESH_SECONDS = 1.0  # how soon a lobby made with the CLI gets its listener
+
+
+def lock(state: str) -> int:
+    """Hold an exclusive lock beside the store for as long as the daemon runs."""
+    path = state + ".serve.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Busy(f"another natctl serve is running on this store (pid {pid})",
+                   "stop it first (systemctl stop natctl), or pass another --state") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class Registrar(asyncio.DatagramProtocol):
+    """The registration port: a host sends its lobby token from its game socket."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.limiter = RateLimiter(rate=2.0, burst=10)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        source = f"{addr[0]}:{addr[1]}"
+        if not self.limiter.allow(addr[0], time.monotonic()):
+            metrics.REGISTRATION_REJECTS.labels("rate").inc()
+            return
+        try:
+            req = wire.decode_request(data)
+        except wire.WireError:
+            metrics.REGISTRATION_REJECTS.labels("malformed").inc()
+            return
+        svc = self.daemon.svc
+        try:
+            host = svc.register_host(req.token, Endpoint(addr[0], addr[1]))
+        except NotFound:  # a wrong token gets no answer: nothing to learn from us
+            metrics.REGISTRATION_REJECTS.labels("token").inc()
+            log("registration_refused", source=source, reason="unknown token")
+            return
+        except Conflict as err:
+            metrics.REGISTRATION_REJECTS.labels("conflict").inc()
+            log("registration_refused", source=source, reason=err.message)
+            self.transport.sendto(wire.encode_error(req.nonce, wire.ERR_SERVER), addr)
+            return
+        except NatctlError as err:
+            metrics.SYNC_FAILURES.inc()
+            log("registration_failed", source=source, error=str(err))
+            return
+        metrics.REGISTRATIONS.inc()
+        log("registered", lobby_id=host.lobby_id, host=str(host.addr), host_port=host.relay_port)
+        self.transport.sendto(wire.encode_registered(req.nonce, svc.relay_ip, host.relay_port), addr)
+        self.daemon.refresh_host_ports()
+
+
+class HostPort(asyncio.DatagramProtocol):
+    """Unknown senders to one host relay port (the kernel maps everyone else)."""
+
+    def __init__(self, daemon: Daemon, port: int) -> None:
+        self.daemon, self.port = daemon, port
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.daemon.admit(self.port, data, addr)
+
+
+class Daemon:
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        self.loop = asyncio.get_running_loop()
+        self.host_ports: dict[int, asyncio.BaseTransport] = {}
+        # Cleanup runs in its own thread with its own store connection, so a
+        # long sync never stalls admissions; SQLite serializes the writers.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="natctl-cleanup")
+        self._worker_svc: Service | None = None
+        self._opening: set[int] = set()
+
+    def refresh_host_ports(self) -> None:
+        """Listen on exactly the host relay ports of open lobbies."""
+        wanted = set(self.svc.store.host_ports())
+        for port in set(self.host_ports) - wanted:
+            self.host_ports.pop(port).close()
+        for port in wanted - set(self.host_ports) - self._opening:
+            self._opening.add(port)
+            self.loop.create_task(self._open(port))
+
+    async def _open(self, port: int) -> None:
+        try:
+            transport, _ = await self.loop.create_datagram_endpoint(lambda: HostPort(self, port),
+                                                                    local_addr=("0.0.0.0", port))
+            self.host_ports[port] = transport
+        except OSError as err:
+            log("listen_failed", port=port, error=str(err))
+        finally:
+            self._opening.discard(port)
+
+    def admit(self, host_port: int, data: bytes, addr: tuple[str, int]) -> None:
+        """Admit a sender on its first packet and deliver that packet (and any queued after it)."""
+        start = time.perf_counter()
+        try:
+            m = self.svc.admit_client(host_port, Endpoint(addr[0], addr[1]))
+        except NotAllowed as err:
+            metrics.REJECTIONS.labels("not_allowed").inc()
+            log("rejected", source=f"{addr[0]}:{addr[1]}", host_port=host_port, reason=err.message)
+            self._block(addr[0], host_port)
+            return
+        except NotFound:
+            metrics.REJECTIONS.labels("no_lobby").inc()
+            return
+        except NatctlError as err:
+            metrics.SYNC_FAILURES.inc()
+            log("admission_failed", source=f"{addr[0]}:{addr[1]}", error=str(err))
+            return
+        took = time.perf_counter() - start
+        metrics.SYNC_SECONDS.observe(took)
+        self.deliver(m.client_port, m.host, data)
+        if self.svc.last_sync.added:  # a new client, not a packet queued behind its admission
+            metrics.ADMISSIONS.inc()
+            log("admitted", lobby=m.lobby, client=m.client, client_port=m.client_port, host_port=host_port,
+                ms=round(took * 1000, 2))
+
+    def deliver(self, client_port: int, host: str, data: bytes) -> None:
+        """Send a client's packet to the host from relay:client_port, outside conntrack (nft.DELIVERY_MARK)."""
+        ip, _, port = host.rpartition(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, DELIVERY_MARK)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((self.svc.relay_ip, client_port))
+            s.sendto(data, (ip, int(port)))
+        metrics.DELIVERED.inc()
+
+    def _block(self, ip: str, host_port: int) -> None:
+        try:
+            block(ip, host_port)
+        except NatctlError as err:
+            log("block_failed", source=ip, error=str(err))
+
+    def _cleanup(self) -> dict:
+        if self._worker_svc is None:
+            self._worker_svc = Service(self.svc.settings)
+        return self._worker_svc.cleanup()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.svc.settings
+        reg, _ = await self.loop.create_datagram_endpoint(lambda: Registrar(self),
+                                                          local_addr=("0.0.0.0", settings.registration_port))
+        self.refresh_host_ports()
+        next_cleanup = time.monotonic() + settings.cleanup_interval
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                self.refresh_host_ports()
+                metrics.MAPPINGS.set(len(self.svc.store.clients()))
+                if time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + settings.cleanup_interval
+                    try:
+                        gone = await self.loop.run_in_executor(self.worker, self._cleanup)
+                    except NatctlError as err:
+                        metrics.SYNC_FAILURES.inc()
+                        log("cleanup_failed", error=str(err))
+                        continue
+                    for kind, items in gone.items():
+                        metrics.EXPIRED.labels(kind).inc(len(items))
+                    if any(gone.values()):
+                        log("cleanup", **gone)
+        finally:
+            reg.close()
+            for t in self.host_ports.values():
+                t.close()
+            self.worker.shutdown(wait=True)
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT. The kernel keeps every mapping when it stops."""
+    fd = lock(settings.state)
+    try:
+        svc = Service(settings)
+        result = svc.apply()  # after a crash or reboot: rebuild the kernel from the store
+        log("started", pid=os.getpid(), relay_ip=svc.relay_ip, backend=result.backend,
+            registration_port=settings.registration_port, added=result.added, deleted=result.deleted)
+        if settings.metrics:
+            metrics.serve_metrics(settings.metrics)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await Daemon(svc).run(stop)
+
+        asyncio.run(main())
+        log("stopped", reason="signal", note="mappings stay in the kernel")
+        return 0
+    finally:
+        os.close(fd)

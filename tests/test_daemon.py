@@ -1,0 +1,255 @@
+"""natctl serve in the lab: hosts register from behind NAT, clients are admitted on their first packet."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from natctl.daemon import wire
+from natctl.daemon.client import register
+from natctl.errors import NatctlError
+from natctl.lab.netns import run, spawn, stop
+from natctl.lab.traffic import drain, udp_socket
+
+pytestmark = pytest.mark.kernel
+REG = 8809
+
+
+class Daemon:
+    """`natctl serve` in the relay namespace, its JSON log in a file."""
+
+    def __init__(self, lab, state: str, log: str, *args: str) -> None:
+        self.lab, self.state, self.log, self.args = lab, state, log, args
+        self.proc: subprocess.Popen | None = None
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for line in open(self.log).read().splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                if name is None or rec["event"] == name:
+                    out.append(rec)
+        return out
+
+    def start(self) -> "Daemon":
+        started = len(self.events("started")) if os.path.exists(self.log) else 0
+        with open(self.log, "ab") as out:
+            self.proc = spawn([sys.executable, "-m", "natctl", "--state", self.state, "serve", *self.args],
+                              ns=self.lab.relay_ns, stdout=out, stderr=out,
+                              env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
+        deadline = time.monotonic() + 10
+        while len(self.events("started")) == started:
+            assert self.proc.poll() is None, open(self.log).read()
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the registration port opens right after the start line
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> int | None:
+        if self.proc:
+            stop(self.proc)
+            return self.proc.returncode
+        return None
+
+
+@pytest.fixture
+def daemon(lab, relay, tmp_path):
+    d = Daemon(lab, relay.state, str(tmp_path / "serve.log"), "--idle-timeout", "3s", "--cleanup-interval", "1s")
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+@pytest.fixture
+def game(lab):
+    """Game sockets: the hosts on 27015, the players on their own ports."""
+    socks = {name: udp_socket(lab.ns(name), port=27015 if name.startswith("host") else 41000 + i)
+             for i, name in enumerate(lab.members)}
+    yield socks
+    for s in socks.values():
+        s.close()
+
+
+def lobby(relay, name: str, *args: str) -> str:
+    return relay.json("lobby", "create", name, *args)["token"]
+
+
+def collect(sock, count: int, seconds: float = 3.0) -> list[tuple[bytes, tuple[str, int]]]:
+    """Receive up to ``count`` datagrams within ``seconds``."""
+    got, deadline = [], time.monotonic() + seconds
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            got.append(sock.recvfrom(65535))
+        except (TimeoutError, OSError):
+            break
+    return got
+
+
+def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon, game):
+    token = lobby(relay, "g", "--allow", "198.18.2.0/24")
+    daemon.start()
+    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    assert relay_ip == lab.relay_ip
+    # Registration is idempotent: the same answer again, nothing changes.
+    assert register(game["host"], (lab.relay_ip, REG), token) == (relay_ip, host_port)
+    time.sleep(0.3)  # the daemon opens its listener on the new host port
+    sent = {}
+    for name in ("client1", "client2"):
+        sent[name] = [f"{name}-{i}-".encode() + os.urandom(40) for i in range(5)]
+        for data in sent[name]:
+            game[name].sendto(data, (relay_ip, host_port))
+    got = collect(game["host"], 10)
+    by_source: dict[tuple, list[bytes]] = {}
+    for data, src in got:
+        by_source.setdefault(src, []).append(data)
+    # Every packet arrived (the first ones too), from two distinct relay addresses.
+    assert len(by_source) == 2, by_source.keys()
+    assert all(src[0] == relay_ip for src in by_source)
+    seen_as = {}
+    for src, datas in by_source.items():
+        name = datas[0].split(b"-")[0].decode()
+        assert sorted(datas) == sorted(sent[name])
+        seen_as[name] = src
+    # The host answers each client; replies come from the host's relay port.
+    for name, src in seen_as.items():
+        payload = os.urandom(200)
+        game["host"].sendto(payload, src)
+        (data, reply_src), = collect(game[name], 1)
+        assert data == payload and reply_src == (relay_ip, host_port)
+    # Addresses are stable: a second round comes from the same relay ports, now forwarded by the kernel.
+    for name in seen_as:
+        game[name].sendto(b"again " + name.encode(), (relay_ip, host_port))
+    again = {data.split()[1].decode(): src for data, src in collect(game["host"], 2)}
+    assert again == seen_as
+    admitted = daemon.events("admitted")
+    assert len(admitted) == 2 and all(rec["ms"] < 1000 for rec in admitted)
+    assert token not in open(daemon.log).read()  # tokens are never logged
+
+
+def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, game):
+    token = lobby(relay, "g", "--allow", "198.18.2.0/24")
+    daemon.start()
+    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    time.sleep(0.3)
+    # A sender from a network the lobby does not allow is never forwarded.
+    for i in range(20):
+        game["stranger"].sendto(b"let me in %d" % i, (relay_ip, host_port))
+    time.sleep(0.5)
+    assert drain(game["host"]) == []
+    assert len(daemon.events("rejected")) >= 1
+    blocked = run(["nft", "list", "set", "inet", "natctl", "blocked4"], ns=lab.relay_ns).stdout
+    assert f"{lab.members['stranger'].public_ip} . {host_port}" in blocked
+    # A wrong token never registers and gets no answer.
+    with pytest.raises(NatctlError, match="no answer"):
+        register(game["host2"], (lab.relay_ip, REG), "x" * 32, tries=3, interval=0.2)
+    before = (relay("lobby", "list", "--json").stdout, relay("map", "list", "--json").stdout)
+    # Malformed datagrams (random, truncated, oversized, wrong version): bounded, and nothing changes.
+    rng = random.Random(7)
+    good = wire.encode_request(token, 1)
+    sock = game["host2"]
+    for i in range(300):
+        kind = i % 4
+        if kind == 0:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 120)))
+        elif kind == 1:
+            data = good[: rng.randint(0, len(good) - 1)]
+        elif kind == 2:
+            data = good + os.urandom(rng.randint(1, 2000))
+        else:
+            data = bytearray(good)  # one bit flipped anywhere but the nonce (any nonce is valid)
+            data[rng.choice([i for i in range(len(good)) if not 6 <= i < 10])] ^= 1 << rng.randint(0, 7)
+            data = bytes(data)
+        sock.sendto(data, (lab.relay_ip, REG))
+    time.sleep(0.5)
+    assert drain(sock) == []  # not a single answer to garbage
+    assert (relay("lobby", "list", "--json").stdout, relay("map", "list", "--json").stdout) == before
+    assert daemon.proc.poll() is None
+    # The daemon still serves: a real registration from host2 for a new lobby works.
+    token2 = lobby(relay, "h")
+    assert register(game["host2"], (lab.relay_ip, REG), token2)[0] == lab.relay_ip
+
+
+def test_idle_mappings_expire_and_busy_ones_stay(lab, relay, daemon, game):
+    token = lobby(relay, "g", "--open")
+    daemon.start()
+    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    time.sleep(0.3)
+    for name in ("client1", "client2"):
+        game[name].sendto(b"hello", (relay_ip, host_port))
+    assert len(collect(game["host"], 2)) == 2
+    # client1 keeps talking for 7 s; client2 falls silent (idle timeout 3 s, cleanup every 1 s).
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        game["client1"].sendto(b"tick", (relay_ip, host_port))
+        time.sleep(0.2)
+    maps = {m["client"] for m in relay.json("map", "list")}
+    c1 = f"{lab.members['client1'].public_ip}:{game['client1'].getsockname()[1]}"
+    c2 = f"{lab.members['client2'].public_ip}:{game['client2'].getsockname()[1]}"
+    assert maps == {c1}
+    table = run(["nft", "list", "map", "inet", "natctl", "dnat4"], ns=lab.relay_ns).stdout
+    port2 = game["client2"].getsockname()[1]
+    assert f". {port2} ." not in table and f"{port2} . {host_port}" not in table
+    assert any(c2.split(":")[0] in " ".join(rec.get("idle", [])) for rec in daemon.events("cleanup"))
+
+
+def test_cleanup_from_the_command_line_expires_idle_mappings(lab, relay, game):
+    relay("lobby", "create", "g")
+    relay("map", "add", "--lobby", "g", "--host", "198.18.1.2:27015", "--client", "198.18.2.2:41001")
+    env = {"NATCTL_IDLE_TIMEOUT": "1"}
+    relay("cleanup", env=env)  # records the counters
+    time.sleep(1.2)
+    out = json.loads(relay("cleanup", "--json", env=env).stdout)
+    assert out["idle"] == ["g/udp/198.18.2.2:41001"]
+    assert relay.json("map", "list") == []
+
+
+def test_kill_9_keeps_traffic_flowing_and_restart_loses_nothing(lab, relay, daemon, game):
+    token = lobby(relay, "g", "--open")
+    daemon.start()
+    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    time.sleep(0.3)
+    game["client1"].sendto(b"first", (relay_ip, host_port))
+    assert len(collect(game["host"], 1)) == 1
+
+    def state():
+        return ([(lb["name"], lb["host"], lb["host_port"]) for lb in relay.json("lobby", "list")],
+                [(m["client"], m["host_port"], m["client_port"]) for m in relay.json("map", "list")])
+
+    before = state()
+    sent = 0
+    for i in range(100):  # 2 s of traffic at 50 packets/s; the daemon dies a third of the way in
+        if i == 33:
+            daemon.kill()
+        game["client1"].sendto(b"p%d" % i, (relay_ip, host_port))
+        sent += 1
+        time.sleep(0.02)
+    assert len(collect(game["host"], sent, 2.0)) == sent
+    daemon.start()
+    assert state() == before  # nothing duplicated, nothing lost
+    game["client2"].sendto(b"after restart", (relay_ip, host_port))
+    (data, _), = collect(game["host"], 1)
+    assert data == b"after restart"
+    assert len(relay.json("map", "list")) == 2
+
+
+def test_a_second_daemon_refuses_to_start(lab, relay, daemon):
+    daemon.start()
+    second = subprocess.run(["ip", "netns", "exec", lab.relay_ns, sys.executable, "-m", "natctl", "--state",
+                             relay.state, "serve"], capture_output=True, text=True, timeout=20,
+                            env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
+    assert second.returncode == 7 and "another natctl serve is running" in second.stderr
+    assert daemon.stop() == 0  # SIGTERM: a clean stop, mappings stay
