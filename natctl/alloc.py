@@ -12,7 +12,7 @@ reply to a client.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from natctl.errors import Exhausted
 from natctl.model import Endpoint, PortRange
@@ -27,7 +27,10 @@ class Allocator:
         host_ports: Iterable[int] = (),
         client_ports: Iterable[tuple[Endpoint, int]] = (),
         reserved: Iterable[int] = (),
+        is_host_port: Callable[[int], bool] | None = None,
     ) -> None:
+        """``is_host_port`` answers for host ports not loaded into ``host_ports`` (the daemon asks
+        the store's index instead of loading every lobby to admit one client)."""
         self.ports = ports
         self.reserved = set(reserved)
         self.host_ports: set[int] = set()
@@ -35,6 +38,7 @@ class Allocator:
         # How many hosts use each client port number: a new host port must avoid all.
         self._client_use: dict[int, int] = defaultdict(int)
         self.host_ports.update(host_ports)
+        self._is_host_port = is_host_port or self.host_ports.__contains__
         for host, port in client_ports:
             self.take_client(host, port)
 
@@ -53,7 +57,7 @@ class Allocator:
         """Take the lowest port free among this host's clients."""
         used = self.client_ports[host]
         for port in range(self.ports.low, self.ports.high + 1):
-            if port not in used and port not in self.host_ports and port not in self.reserved:
+            if port not in used and port not in self.reserved and not self._is_host_port(port):
                 self.take_client(host, port)
                 return port
         raise Exhausted(

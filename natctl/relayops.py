@@ -40,7 +40,7 @@ class RelayOps:
         current = self.store.host(lobby.id)
         if current is not None and current.addr == addr:
             return current  # a repeat: nothing changes
-        with self._change(scope=lobby.id) as store:
+        with self._change(scope=lambda st: self._plan_lobby(st, lobby.id)) as store:
             other = store.host_at(addr)
             if other is not None and other.lobby_id != lobby.id:
                 raise Conflict(f"{addr} already hosts another lobby", "one game socket hosts one lobby")
@@ -55,7 +55,8 @@ class RelayOps:
         host = self.store.host_by_port(host_port)
         if host is None:
             raise NotFound(f"no lobby on relay port {host_port}")
-        with self._change(scope=host.lobby_id) as store:
+        # Scope: this one client's elements, so admitting costs the same in a lobby of 2 or 2,000.
+        with self._change(scope=lambda st: self._plan_lobby(st, host.lobby_id, client=(proto, addr))) as store:
             lobby = store.lobby_by_id(host.lobby_id)
             if lobby is None or lobby.closed is not None or lobby.expired(self.clock()):
                 raise NotFound(f"no open lobby on relay port {host_port}")
@@ -63,13 +64,12 @@ class RelayOps:
             if existing is None:
                 if not lobby.allows(addr.ip):
                     raise NotAllowed(f"{addr.ip} is not allowed in lobby {lobby.name!r}")
-                clients = store.clients(lobby.id)
-                if len(clients) >= lobby.max_clients:
+                ports = store.client_ports(lobby.id)
+                if len(ports) >= lobby.max_clients:
                     raise NotAllowed(f"lobby {lobby.name!r} is full ({lobby.max_clients} clients)")
                 # Client ports only need to be unique among this host's clients (and never a host port).
-                alloc = Allocator(self.settings.ports, store.host_ports(),
-                                  ((host.addr, c.relay_port) for c in clients),
-                                  reserved=(self.settings.registration_port,))
+                alloc = Allocator(self.settings.ports, (), ((host.addr, p) for p in ports),
+                                  reserved=(self.settings.registration_port,), is_host_port=store.is_host_port)
                 now = self.clock()
                 existing = store.add_client(Client(0, lobby.id, proto, addr, alloc.client_port(host.addr), now, now))
         return MappingView(lobby.name, proto, str(host.addr), str(addr), self.relay_ip, host.relay_port,

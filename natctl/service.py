@@ -68,21 +68,23 @@ class Service(RelayOps):
     # --- the one way to change state
 
     @contextmanager
-    def _change(self, apply: bool = True, scope: int | None = None) -> Iterator[Store]:
+    def _change(self, apply: bool = True,
+                scope: Callable[[Store], frozenset[planner.Element]] | None = None) -> Iterator[Store]:
         """Store rows and kernel change together, or neither.
 
-        With ``scope`` (a lobby id) only that lobby's elements are planned,
-        before and after the change, and their difference applied: the
-        daemon's fast path, which trusts that the kernel mirrors the store (it
-        reconciles in full at start and periodically). Without it, the whole
-        desired state is diffed against what the kernel holds.
+        With ``scope`` (planning just the elements a change can touch, e.g.
+        one lobby's) only those are planned, before and after the change, and
+        their difference applied: the daemon's fast path, which trusts that
+        the kernel mirrors the store (it reconciles in full at start and
+        periodically). Without it, the whole desired state is diffed against
+        what the kernel holds.
         """
         if apply:
             self.kernel  # fail fast (not root, no binding) before touching the store
         store = self.store
         changes = planner.Changes()
         with store.write():
-            before = self._plan_lobby(store, scope) if apply and scope is not None else None
+            before = scope(store) if apply and scope is not None else None
             yield store
             if apply:
                 start = time.perf_counter()
@@ -93,9 +95,11 @@ class Service(RelayOps):
         if changes.delete:
             self.last_sync = replace(self.last_sync, flows_forgotten=self._forget(changes))
 
-    def _apply_scoped(self, store: Store, scope: int | None, before: frozenset) -> planner.Changes | None:
-        """Apply one lobby's difference; None if the kernel refused it (it drifted from the store)."""
-        changes = planner.diff(self._plan_lobby(store, scope or 0), before)
+    def _apply_scoped(self, store: Store, scope: Callable[[Store], frozenset[planner.Element]] | None,
+                      before: frozenset) -> planner.Changes | None:
+        """Apply a scoped difference; None if the kernel refused it (it drifted from the store)."""
+        assert scope is not None
+        changes = planner.diff(scope(store), before)
         try:
             self.kernel.apply(changes)
         except KernelError:
@@ -109,8 +113,10 @@ class Service(RelayOps):
         self.kernel.apply(changes)
         return changes
 
-    def _plan_lobby(self, store: Store, lobby_id: int) -> frozenset[planner.Element]:
-        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id), self.clock(), self.kernel.owns)
+    def _plan_lobby(self, store: Store, lobby_id: int,
+                    client: tuple[str, Endpoint] | None = None) -> frozenset[planner.Element]:
+        """One lobby's elements (or only those of one of its clients and its host port)."""
+        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id, client), self.clock(), self.kernel.owns)
 
     def _forget(self, changes: planner.Changes) -> int:
         return self.kernel.forget(changes)

@@ -133,15 +133,19 @@ class Store:
             forwards=tuple(_forward(r) for r in q("SELECT * FROM forwards ORDER BY port")),
         )
 
-    def snapshot_lobby(self, relay_ip: str, lobby_id: int) -> Snapshot:
-        """The part of the snapshot that one lobby's elements depend on."""
+    def snapshot_lobby(self, relay_ip: str, lobby_id: int, client: tuple[str, Endpoint] | None = None) -> Snapshot:
+        """The part of the snapshot that one lobby's elements depend on (or one client's of it)."""
         q = self.db.execute
+        where, args = "lobby_id=?", [lobby_id]
+        if client is not None:
+            where += " AND proto=? AND ip=? AND port=?"
+            args += [client[0], client[1].ip, client[1].port]
         return Snapshot(
             relay_ip=relay_ip,
             lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE id=? AND closed IS NULL", (lobby_id,))),
             hosts=tuple(Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"])
                         for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
-            clients=tuple(_client(r) for r in q("SELECT * FROM clients WHERE lobby_id=? ORDER BY id", (lobby_id,))),
+            clients=tuple(_client(r) for r in q(f"SELECT * FROM clients WHERE {where} ORDER BY id", args)),
         )
 
     def lobby(self, name: str) -> Lobby | None:
@@ -159,6 +163,12 @@ class Store:
     def host_by_port(self, relay_port: int) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE relay_port=?", (relay_port,)).fetchone()
         return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+
+    def client_ports(self, lobby_id: int) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT relay_port FROM clients WHERE lobby_id=?", (lobby_id,))]
+
+    def count_clients(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM clients").fetchone()[0]
 
     def host_ports(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT relay_port FROM hosts")]

@@ -187,7 +187,7 @@ class Daemon:
                 except asyncio.TimeoutError:
                     pass
                 self.refresh_host_ports()
-                metrics.MAPPINGS.set(len(self.svc.store.clients()))
+                metrics.MAPPINGS.set(self.svc.store.count_clients())
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + settings.cleanup_interval
                     try:

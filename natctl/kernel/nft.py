@@ -24,7 +24,8 @@ SCHEMA = "schema_v3"
 # never take the tuple the client's own flow will need.
 DELIVERY_MARK = 0x4E415443
 # Unknown senders to host ports reach the daemon at this rate at most.
-UNKNOWN_RATE_PER_SOURCE = "50/second burst 50 packets"
+# Per source IP: players behind one home router share it, so leave room for a crowd joining.
+UNKNOWN_RATE_PER_SOURCE = "200/second burst 100 packets"
 UNKNOWN_RATE_TOTAL = "2000/second burst 500 packets"
 BLOCK_SECONDS = 60
 CHUNK = 2000  # elements per statement: keeps each line short, still one transaction
