@@ -253,3 +253,34 @@ def test_a_second_daemon_refuses_to_start(lab, relay, daemon):
                             env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
     assert second.returncode == 7 and "another natctl serve is running" in second.stderr
     assert daemon.stop() == 0  # SIGTERM: a clean stop, mappings stay
+
+
+def test_metrics_endpoint_and_status(lab, relay, tmp_path, game):
+    token = lobby(relay, "g", "--open")
+    d = Daemon(lab, relay.state, str(tmp_path / "m.log"), "--metrics", "127.0.0.1:9808")
+    try:
+        d.start()
+        relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+        time.sleep(0.3)
+        game["client1"].sendto(b"hi", (relay_ip, host_port))
+        assert len(collect(game["host"], 1)) == 1
+        text = run(["curl", "-sS", "--max-time", "3", "http://127.0.0.1:9808/metrics"], ns=lab.relay_ns).stdout
+        values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+        assert values["natctl_registrations_total"] == 1
+        assert values["natctl_admissions_total"] == 1
+        assert "natctl_sync_duration_seconds_count" in values and "natctl_active_mappings" in values
+        human = relay("status").stdout
+        assert "lobbies" in human and "idle" in human and str(host_port) in human
+    finally:
+        d.kill()
+
+
+def test_install_units(tmp_path, relay):
+    out = relay("install-units", "--systemd-dir", str(tmp_path / "systemd"), "--cron-dir", str(tmp_path / "cron"))
+    assert "systemctl daemon-reload" in out.stdout
+    unit = (tmp_path / "systemd" / "natctl.service").read_text()
+    exe = unit.split("ExecStart=")[1].split()[0]
+    assert exe.endswith("natctl") and os.access(exe, os.X_OK) and "serve" in unit
+    assert "OnUnitActiveSec" in (tmp_path / "systemd" / "natctl-cleanup.timer").read_text()
+    assert f"ExecStart={exe} cleanup" in (tmp_path / "systemd" / "natctl-cleanup.service").read_text()
+    assert "cleanup" in (tmp_path / "cron" / "natctl").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -80,10 +81,17 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     say(f"relay {svc.relay_ip}, backend {svc.kernel.name}, {len(lobbies)} lobbies, "
         f"{len(maps_)} mappings, {len(fwds)} forwards")
+    now = time.time()
+    if lobbies:
+        table("lobbies", ["name", "host", "host port", "clients", "expires in"],
+              [(lb.name, lb.host, lb.host_port, lb.clients, format_duration(lb.expires - now) if lb.expires else "-")
+               for lb in lobbies])
+    # Idle time is measured from kernel counters by each cleanup run (daemon or cron).
     table("mappings", ["lobby", "proto", "client", "host", "host port", "client port", "installed",
-                       "to host packets", "to client packets"],
+                       "to host packets", "to client packets", "idle"],
           [(m.lobby, m.proto, m.client, m.host, m.host_port, m.client_port, "yes" if m.installed else "NO",
-            m.to_host_packets, m.to_client_packets) for m in maps_])
+            m.to_host_packets, m.to_client_packets, format_duration(now - m.last_seen) if m.last_seen else "-")
+           for m in maps_])
     if fwds:
         table("forwards", ["public port", "proto", "to", "ttl", "installed", "packets"],
               [(f.port, f.proto, f.to, format_duration(f.ttl), "yes" if f.installed else "NO", f.packets)
