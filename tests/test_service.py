@@ -124,3 +124,41 @@ def test_idle_mappings_expire_by_kernel_counters(svc):
         gone = svc.expire_idle()
         assert gone == ([] if step < 2 else ["a/udp/198.18.2.2:40002"] if step == 2 else [])
     assert [m.client for m in svc.mappings()] == [str(C1)]
+
+
+def test_registration_is_idempotent_and_a_new_address_moves_the_lobby(svc):
+    from natctl.plan import DNAT
+
+    _, token = svc.lobby_create("a", open_=True)
+    with pytest.raises(NotFound, match="token"):
+        svc.register_host("not-the-token-at-all", H)
+    host = svc.register_host(token, H)
+    scripts = len(svc.fake.scripts)
+    assert svc.register_host(token, H) == host and len(svc.fake.scripts) == scripts  # a repeat sends nothing
+    m = svc.admit_client(host.relay_port, C1)
+    moved = Endpoint("198.18.1.3", 27016)
+    again = svc.register_host(token, moved)
+    assert again.relay_port == host.relay_port
+    dnat = {e.key: e.value for e in svc.fake.installed.elements if e.set == DNAT}
+    assert dnat[(C1.ip, "udp", C1.port, host.relay_port)] == (moved.ip, moved.port)
+    assert dnat[(moved.ip, "udp", moved.port, m.client_port)] == (C1.ip, C1.port)
+    assert not any(k[0] == H.ip for k in dnat)
+
+
+def test_admission_checks_and_scoped_changes(svc):
+    from natctl.relayops import NotAllowed
+
+    _, token = svc.lobby_create("a", allow=("198.18.2.0/24",), max_clients=2)
+    host = svc.register_host(token, H)
+    before = len(svc.fake.scripts)
+    m1 = svc.admit_client(host.relay_port, C1)
+    assert svc.last_sync.added == 6 and svc.last_sync.deleted == 0  # one client's elements, nothing else
+    assert svc.admit_client(host.relay_port, C1) == m1 and len(svc.fake.scripts) == before + 1
+    with pytest.raises(NotAllowed, match="not allowed"):
+        svc.admit_client(host.relay_port, Endpoint("198.18.9.9", 5))
+    svc.admit_client(host.relay_port, C2)
+    with pytest.raises(NotAllowed, match="full"):
+        svc.admit_client(host.relay_port, Endpoint("198.18.2.7", 5))
+    with pytest.raises(NotFound):
+        svc.admit_client(20001, C1)
+    assert len(svc.mappings()) == 2
