@@ -44,6 +44,7 @@ class Flow:
     saddr: str | None
     sport: int | None
     dport: int
+    daddr: str | None = None  # the relay IP when known: then one exact delete, no table dump
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,13 @@ class Changes:
     def flows(self) -> list[Flow]:
         """Conntrack tuples to flush after the deletes: flows to relay ports that went away."""
         out = []
+        # A removed mapping's SNAT values name the relay IP its flows were sent to.
+        relay = {e.value[0] for e in self.delete if e.set == SNAT and e.value}
+        daddr = relay.pop() if len(relay) == 1 else None
         for e in self.delete:
             if e.set == DNAT:
                 saddr, proto, sport, dport = e.key
-                out.append(Flow(proto, saddr, sport, dport))
+                out.append(Flow(proto, saddr, sport, dport, daddr))
             elif e.set == FWD:
                 proto, dport = e.key
                 out.append(Flow(proto, None, None, dport))

@@ -48,8 +48,8 @@ def test_diff_is_empty_when_kernel_matches_and_minimal_otherwise():
     assert len(changes.add) == 6 and not changes.delete  # only client2's elements
     changes = diff(one_less, want)
     assert len(changes.delete) == 6 and not changes.add
-    assert [(f.saddr, f.sport, f.dport) for f in changes.flows()] == [
-        ("198.18.1.2", 27015, 20001), ("198.18.2.2", 40002, 29999)]
+    assert [(f.saddr, f.sport, f.dport, f.daddr) for f in changes.flows()] == [
+        ("198.18.1.2", 27015, 20001, "198.18.0.1"), ("198.18.2.2", 40002, 29999, "198.18.0.1")]
 
 
 def test_changed_relay_ip_swaps_values_in_one_transaction():

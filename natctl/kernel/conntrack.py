@@ -19,28 +19,36 @@ def forget(flows: list[Flow]) -> int:
     if not flows:
         return 0
     from pyroute2 import Conntrack
+    from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-    wanted = {(PROTO_NUM[f.proto], f.dport) for f in flows}
-    exact = {(PROTO_NUM[f.proto], f.saddr, f.sport, f.dport) for f in flows if f.saddr}
-    any_source = {(PROTO_NUM[f.proto], f.dport) for f in flows if not f.saddr}
-    removed = 0
     ct = Conntrack()
+    removed = 0
+
+    def delete(saddr: str, daddr: str, proto: int, sport: int, dport: int) -> int:
+        try:
+            ct.entry("del", tuple_orig=NFCTAttrTuple(saddr=saddr, daddr=daddr, proto=proto, sport=sport,
+                                                     dport=dport))
+            return 1
+        except NetlinkError as err:  # already gone: no flow, or the kernel's own expiry won the race
+            if err.code != errno.ENOENT:
+                raise
+            return 0
+
     try:
-        # One dump, filtered here: cheaper than one netlink round trip per flow
-        # when many mappings go at once, and exact for both kinds of flow.
-        for entry in list(ct.dump_entries()):
-            t = entry.tuple_orig
-            if (t.proto, t.dport) not in wanted:
-                continue
-            if (t.proto, t.saddr, t.sport, t.dport) in exact or (t.proto, t.dport) in any_source:
-                try:
-                    ct.entry("del", tuple_orig=NFCTAttrTuple(
-                        saddr=t.saddr, daddr=t.daddr, proto=t.proto, sport=t.sport, dport=t.dport))
-                    removed += 1
-                except OSError as err:  # already gone: a race with the kernel's own expiry
-                    if err.errno != errno.ENOENT:
-                        raise
+        # Exact tuples: one netlink request each, however large the table.
+        for f in flows:
+            if f.saddr and f.daddr and f.sport:
+                removed += delete(f.saddr, f.daddr, PROTO_NUM[f.proto], f.sport, f.dport)
+        # Flows from any source (static forwards) or to an unknown address: one dump, filtered here.
+        rest = [f for f in flows if not (f.saddr and f.daddr and f.sport)]
+        if rest:
+            exact = {(PROTO_NUM[f.proto], f.saddr, f.sport, f.dport) for f in rest if f.saddr}
+            any_source = {(PROTO_NUM[f.proto], f.dport) for f in rest if not f.saddr}
+            for entry in list(ct.dump_entries()):
+                t = entry.tuple_orig
+                if (t.proto, t.saddr, t.sport, t.dport) in exact or (t.proto, t.dport) in any_source:
+                    removed += delete(t.saddr, t.daddr, t.proto, t.sport, t.dport)
     finally:
         ct.close()
     return removed
