@@ -47,9 +47,9 @@ class Service(RelayOps):
     def kernel(self) -> Kernel:
         if self._kernel is None:
             if self._kernel_factory is None:
-                from natctl.kernel.backend import NftKernel
+                from natctl.kernel.accel import select
 
-                self._kernel_factory = NftKernel
+                self._kernel_factory = lambda: select(self.settings)  # accel: none, xdp or auto
             self._kernel = self._kernel_factory()
         return self._kernel
 
@@ -250,16 +250,21 @@ class Service(RelayOps):
         out = []
         seen = {c.relay_port: c.last_seen for c in snap.clients}
         for m in planner.mappings(snap, self.clock()):
-            to_host = to_client = (0, 0)
+            to_host = to_client = xdp_up = xdp_down = (0, 0)
             ok = False
             if installed is not None:
                 up = (m.client.ip, m.proto, m.client.port, m.host.ip, m.host.port)
                 down = (m.host.ip, m.proto, m.host.port, m.client.ip, m.client.port)
-                to_host = installed.counters.get((planner.ACCT, up), (0, 0))
-                to_client = installed.counters.get((planner.ACCT, down), (0, 0))
-                ok = all(e in installed.elements for e in planner.mapping_elements(m, self.relay_ip))
+                # Packets XDP forwarded never reach nftables' counters: count them in, and apart.
+                xdp_up = installed.counters.get((planner.XDP, (m.client.ip, m.client.port, m.host_port)), (0, 0))
+                xdp_down = installed.counters.get((planner.XDP, (m.host.ip, m.host.port, m.client_port)), (0, 0))
+                to_host = tuple(map(sum, zip(installed.counters.get((planner.ACCT, up), (0, 0)), xdp_up)))
+                to_client = tuple(map(sum, zip(installed.counters.get((planner.ACCT, down), (0, 0)), xdp_down)))
+                ok = all(e in installed.elements for e in planner.mapping_elements(m, self.relay_ip)
+                         if e.set in self.kernel.owns)
             out.append(MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,
-                                   m.client_port, ok, *to_host, *to_client, seen.get(m.client_port, 0.0)))
+                                   m.client_port, ok, *to_host, *to_client, seen.get(m.client_port, 0.0),
+                                   *xdp_up, *xdp_down))
         return out
 
     # --- static forwards

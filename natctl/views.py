@@ -40,6 +40,11 @@ class MappingView:
     to_client_packets: int = 0
     to_client_bytes: int = 0
     last_seen: float = 0.0
+    # The share of the to_* counts that the XDP accelerator forwarded (the rest went through nftables).
+    xdp_to_host_packets: int = 0
+    xdp_to_host_bytes: int = 0
+    xdp_to_client_packets: int = 0
+    xdp_to_client_bytes: int = 0
 
 
 @dataclass(frozen=True)

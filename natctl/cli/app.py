@@ -46,12 +46,17 @@ def root(
                                                  show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option(help="Config file. [default: /etc/natctl/natctl.toml]",
                                                   show_default=False)] = None,
+    accel: Annotated[Optional[str], typer.Option(help="XDP accelerator: xdp, none or auto (XDP when the "
+                                                 "interface takes it). (default: auto)", show_default=False)] = None,
+    interface: Annotated[Optional[str], typer.Option(help="Interface for XDP. (default: the default route's "
+                                                     "interface)", show_default=False)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Settings come from the config file, then NATCTL_* variables, then these options."""
     ctx.obj = ctx.obj or {}
-    ctx.obj["overrides"] = {"state": state, "relay_ip": relay_ip, "ports": ports}
+    ctx.obj["overrides"] = {"state": state, "relay_ip": relay_ip, "ports": ports, "accel": accel,
+                            "interface": interface}
     ctx.obj["config"] = config
 
 
@@ -87,10 +92,13 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
               [(lb.name, lb.host, lb.host_port, lb.clients, format_duration(lb.expires - now) if lb.expires else "-")
                for lb in lobbies])
     # Idle time is measured from kernel counters by each cleanup run (daemon or cron).
+    xdp = "xdp" in svc.kernel.name  # then the packet counts include XDP's share, shown apart
     table("mappings", ["lobby", "proto", "client", "host", "host port", "client port", "installed",
-                       "to host packets", "to client packets", "idle"],
+                       "to host packets", "to client packets", "idle"]
+          + (["by xdp to host packets", "by xdp to client packets"] if xdp else []),
           [(m.lobby, m.proto, m.client, m.host, m.host_port, m.client_port, "yes" if m.installed else "NO",
             m.to_host_packets, m.to_client_packets, format_duration(now - m.last_seen) if m.last_seen else "-")
+           + ((m.xdp_to_host_packets, m.xdp_to_client_packets) if xdp else ())
            for m in maps_])
     if fwds:
         table("forwards", ["public port", "proto", "to", "ttl", "installed", "packets"],
@@ -112,8 +120,9 @@ def cleanup(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command()
 def uninstall(ctx: typer.Context) -> None:
     """Remove everything natctl installed in the kernel; the store stays ('natctl apply' restores)."""
-    if service(ctx).uninstall():
-        say("removed table inet natctl")
+    svc = service(ctx)
+    if svc.uninstall():
+        say("removed table inet natctl" + (" and the XDP program" if getattr(svc.kernel, "detached", False) else ""))
     else:
         say("nothing installed")
 

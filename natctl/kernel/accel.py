@@ -1,0 +1,128 @@
+"""The accelerated backend: nftables plus natctl's XDP program, fed by one plan.
+
+nftables always holds every mapping and is correct on its own; the XDP map
+holds the UDP ones again, so most packets skip the kernel stack. A sync
+applies the nftables part in its one transaction and the XDP part with batch
+map writes in the same step. Whatever XDP cannot do, nftables does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from natctl.config import Settings
+from natctl.errors import KernelError, NatctlError
+from natctl.kernel.backend import Kernel, NftKernel
+from natctl.kernel.nft import Installed
+from natctl.kernel.xdp import PIN_ROOT, Program, XdpUnavailable, detach
+from natctl.plan import NFT_SETS, XDP, Changes, Element
+
+
+def warn(text: str) -> None:
+    print(f"natctl: warning: {text}", file=sys.stderr)
+
+
+class XdpKernel:
+    """``Kernel`` over nftables and XDP on one interface (see natctl.kernel.backend)."""
+
+    def __init__(self, interface: str, mode: str = "auto", nft: NftKernel | None = None,
+                 pin_root: str | None = PIN_ROOT) -> None:
+        self.nft = nft if nft is not None else NftKernel()
+        self.prog = Program.find(interface, mode, pin_root)
+        self.owns = NFT_SETS | {XDP}
+        self.detached = False  # set by uninstall when it removed natctl's program
+
+    @property
+    def name(self) -> str:
+        if XDP not in self.owns:
+            return self.nft.name
+        return f"{self.nft.name}+xdp({self.prog.mode if self.prog.attached else 'detached'})"
+
+    def read(self) -> Installed:
+        installed = self.nft.read()
+        if XDP in self.owns:
+            stats = self.prog.flow_stats()
+            for key, value in self.prog.entries().items():
+                installed.elements.add(Element(XDP, key, value))
+                installed.counters[(XDP, key)] = stats.get(key, (0, 0, 0))[:2]
+        return installed
+
+    def apply(self, changes: Changes) -> None:
+        xdp_del = [e.key for e in changes.delete if e.set == XDP]
+        xdp_add = {e.key: e.value for e in changes.add if e.set == XDP}
+        self.nft.apply(Changes(tuple(e for e in changes.add if e.set != XDP),
+                               tuple(e for e in changes.delete if e.set != XDP), changes.create_table))
+        if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
+            return
+        try:
+            self.prog.load()
+            if changes.create_table:  # nftables rebuilds its table from nothing: the XDP map follows
+                have = self.prog.entries()
+                xdp_del = [k for k, v in have.items() if xdp_add.get(k) != v]
+                xdp_add = {k: v for k, v in xdp_add.items() if have.get(k) != v}
+            added = self.prog.write(xdp_del, list(xdp_add.items()))
+            self.prog.attach()  # after the writes: a new program starts with its maps full
+        except XdpUnavailable as err:
+            self._give_up(str(err))
+            return
+        except OSError as err:
+            raise KernelError(f"nftables took the change but XDP refused it ({err.strerror or err})",
+                              "run 'natctl apply' again, or use --accel none") from None
+        if added < len(xdp_add):
+            warn(f"the XDP map is full: {len(xdp_add) - added} mapping directions are left to nftables")
+
+    def _give_up(self, why: str) -> None:
+        """XDP refused at attach time: say so once and carry on with nftables alone."""
+        warn(f"XDP accelerator off ({why}); relaying with nftables alone")
+        self.owns = NFT_SETS
+        self.prog.close()
+
+    def forget(self, changes: Changes) -> int:
+        return self.nft.forget(changes)
+
+    def uninstall(self) -> bool:
+        table = self.nft.uninstall()
+        self.detached = detach(self.prog.ifname, self.prog.pin_root)
+        self.prog.close()
+        self.prog.attached = False
+        return table or self.detached
+
+    def counters(self) -> dict[str, int]:
+        """Why packets were forwarded or passed by XDP (summed over CPUs)."""
+        return self.prog.counters()
+
+    def last_seen(self) -> dict[tuple, float]:
+        """Per XDP key: when XDP last forwarded a packet, in Unix seconds (for idle cleanup)."""
+        offset = time.time() - time.monotonic_ns() / 1e9
+        return {k: offset + ns / 1e9 for k, (p, _, ns) in self.prog.flow_stats().items() if p}
+
+
+def select(settings: Settings, mode: str | None = None) -> Kernel:
+    """The backend ``settings.accel`` asks for: none, xdp (warn and fall back) or auto (quietly fall back).
+
+    The XDP mode comes from NATCTL_XDP_MODE (auto, native, generic): labs on
+    veth pairs whose peer runs XDP can ask for native.
+    """
+    from natctl.kernel.links import default_route
+
+    nft = NftKernel()
+    try:
+        interface = settings.interface or default_route()[0]
+    except NatctlError as err:
+        if settings.accel == "xdp":
+            warn(f"XDP accelerator off ({err.message}); relaying with nftables alone")
+        return nft
+    if settings.accel == "none":
+        try:  # a program left by an earlier --accel would forward mappings nftables no longer has
+            detach(interface)
+        except OSError:
+            pass
+        return nft
+    try:
+        return XdpKernel(interface, mode or os.environ.get("NATCTL_XDP_MODE", "auto"), nft)
+    except (XdpUnavailable, OSError) as err:
+        if settings.accel == "xdp":
+            warn(f"XDP accelerator off ({err}); relaying with nftables alone")
+        return nft
