@@ -18,7 +18,7 @@ RULES = Path(__file__).resolve().parents[2] / "rules"
 
 def serve(
     ctx: typer.Context,
-    registration_port: Annotated[Optional[str], typer.Option(help="UDP port hosts register on. [default: 8809]",
+    registration_port: Annotated[Optional[str], typer.Option(help="UDP port hosts register on. (default: 8809)",
                                                              show_default=False)] = None,
     idle_timeout: Annotated[Optional[str], typer.Option(help="Remove mappings idle this long, e.g. 5m.")] = None,
     cleanup_interval: Annotated[Optional[str], typer.Option(help="How often to clean up, e.g. 30s.")] = None,
