@@ -40,7 +40,7 @@ fi
 stamp=.venv/.natctl-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing natctl and its Python dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'  # bench: matplotlib for the bench's chart
   touch "$stamp"
 fi
 

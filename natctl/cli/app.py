@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from natctl import __version__
-from natctl.cli import daemon, forward, lobby, maps
+from natctl.cli import bench, daemon, forward, lobby, maps
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
@@ -27,6 +27,7 @@ app.add_typer(maps.app, name="map")
 app.add_typer(forward.app, name="forward")
 app.command()(daemon.serve)
 app.command("install-units")(daemon.install_units)
+app.command()(bench.bench)
 
 
 def _version(value: bool) -> None:

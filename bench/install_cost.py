@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Install cost (issue 2): 10,000 mappings in one apply, then one more mapping on top of them.
+
+    sudo .venv/bin/python bench/install_cost.py [--mappings 10000] [--json]
+
+Builds the bench's lab (natctl/bench/lab.py), has natctl's bench worker fill a
+store with N mappings and apply them in one transaction, then adds one client
+twice over: through the daemon's scoped path and through `natctl map add`'s
+full reconcile. Prints how long each took and how many nftables elements each
+sent (6 = exactly that mapping's: two directions of dnat, snat and counters).
+Everything it creates is removed afterwards, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from natctl.bench import lab as benchlab
+from natctl.bench.methods import NatctlNft, Context
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mappings", type=int, default=10_000)
+    ap.add_argument("--json", action="store_true", help="print every figure as JSON")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("install_cost: run as root (it builds network namespaces)", file=sys.stderr)
+        return 1
+    tmp = tempfile.mkdtemp(prefix="natctl-install-cost-")
+    lab = benchlab.build(*benchlab.cpus())
+    try:
+        running = NatctlNft().start(lab, Context(tmp), mappings=args.mappings, incremental=True)
+        info = running.info
+        running.stop()
+    finally:
+        lab.teardown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    inc = info["incremental"]
+    print(f"{info['mappings']:,} mappings ({info['elements']:,} nftables elements) in one apply: "
+          f"{info['apply_s']:.2f} s, of which the nftables transaction {info['kernel_apply_s']:.2f} s")
+    for path, what in (("daemon", "daemon (scoped admit_client)"), ("cli", "natctl map add (full reconcile)")):
+        d = inc[path]
+        print(f"one more mapping via {what}: {d['total_ms']:.2f} ms (kernel transaction {d['kernel_apply_ms']:.2f} ms, "
+              f"reading the kernel {d['kernel_read_ms']:.0f} ms), {d['elements_sent']} elements sent, "
+              f"only that mapping's: {'yes' if d['only_that_mapping'] else 'NO'}")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(main())
