@@ -9,6 +9,7 @@ import typer
 
 from natctl import __version__
 from natctl.cli import bench, daemon, forward, lobby, maps
+from natctl.cli import gm
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
@@ -25,6 +26,8 @@ app = typer.Typer(
 app.add_typer(lobby.app, name="lobby")
 app.add_typer(maps.app, name="map")
 app.add_typer(forward.app, name="forward")
+app.add_typer(gm.app, name="gm")
+app.command()(gm.join)
 app.command()(daemon.serve)
 app.command("install-units")(daemon.install_units)
 app.command()(bench.bench)
