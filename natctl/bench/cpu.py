@@ -60,6 +60,13 @@ def parse_proc_stat(text: str, cpu: int) -> tuple[int, int]:
     raise ValueError(f"cpu{cpu} not in /proc/stat")
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks(cpu: int) -> int:
+    return parse_proc_stat(Path("/proc/stat").read_text(), cpu)[0]
+
+
 @dataclass(frozen=True)
 class Sample:
     t: float
@@ -76,9 +83,8 @@ def sample(relay_pids: list[int], napi_pid: int | None, cpu: int) -> Sample:
 
 def spent(a: Sample, b: Sample) -> dict[str, float]:
     """Relay CPU seconds between two samples, the core's busy seconds, and the rest (others)."""
-    hz = os.sysconf("SC_CLK_TCK")
     relay = (b.relay_ns - a.relay_ns) / 1e9
-    core = (b.core_busy - a.core_busy) / hz
+    core = (b.core_busy - a.core_busy) / HZ
     return {"relay_cpu_s": relay, "core_busy_s": core, "others_s": max(0.0, core - relay),
             "wall_s": b.t - a.t}
 

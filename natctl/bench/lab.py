@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from natctl.bench.tool import BenchError
@@ -55,7 +55,7 @@ class BenchLab:
     load_cpu: int
     napi_pid: int | None = None
     layout: str = ""
-    notes: list[str] = field(default_factory=list)
+    patience: float = 240.0  # seconds the bench may still wait for other work on the machine to pause
 
     @property
     def relay_ns(self) -> str:

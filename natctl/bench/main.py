@@ -28,8 +28,9 @@ CAVEATS = [
     "the CPU from them, so under a flood they deliver less than they can carry. The *sustained* column is the "
     "highest paced rate each carried with under 1% loss.",
     "**CPU counted** is the relay's own threads only (the relay interface's NAPI kernel thread, plus the relay's "
-    "processes), from schedstat; other work on the relay's core is reported as noise in the JSON, and a run "
-    "disturbed by more than 10% is redone (twice at most).",
+    "processes), from schedstat. Other work shares this machine: each measurement waits for both CPUs to be "
+    "nearly idle first, a flood during which others took over 10% of the relay's CPU is redone, and the JSON "
+    "keeps the noise of every run.",
     "**Round trips** include scheduling on the load CPU (sender, echo and prober share it).",
     "Absolute figures swing by about 25% between runs and sessions on this VM; compare methods within one run.",
 ]

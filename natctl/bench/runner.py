@@ -180,6 +180,7 @@ def run(cfg: Config, say: Callable[[str], None] = print) -> dict[str, Any]:
         if cfg.scale:
             results["scale"] = scale.run(lab, ctx, cfg, say)
         results["daemon"] = scale.daemon(lab, ctx, cfg, say)
+        results["lab"]["waited_for_quiet_s"] = benchlab.BenchLab.patience - lab.patience
     finally:
         if lab is not None:
             lab.teardown()
