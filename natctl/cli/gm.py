@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import FORWARD_PROTOS, format_duration, parse_duration, parse_name, parse_port, parse_proto
 from natctl.output import emit_json, table, when
+
+if TYPE_CHECKING:
+    from natctl.gm.service import GmService
 
 app = typer.Typer(help="Game masters behind one public IP: a VPN address and a public port each, "
                   "and sessions that forward that port to the GM.", no_args_is_help=True)
@@ -41,14 +45,16 @@ def options(
         openvpn_ccd=openvpn_ccd, openvpn_pki=openvpn_pki, openvpn_status=openvpn_status).items() if v is not None}
 
 
-def gms(ctx: typer.Context):  # type: ignore[no-untyped-def]
+def gms(ctx: typer.Context) -> GmService:
+    """The GM service over the invocation's Service, with the GM settings (imported late: startup time)."""
     from natctl.gm.model import load_settings
     from natctl.gm.service import GmService
 
     return GmService(service(ctx), load_settings(ctx.find_root().obj.get("gm_overrides")))
 
 
-def _deliver(out: str | None):  # type: ignore[no-untyped-def]
+def _deliver(out: str | None) -> Callable[[str], None]:
+    """Hand the config over: stdout, or a 0600 file written atomically."""
     def deliver(config: str) -> None:
         if out is None:
             sys.stdout.write(config)

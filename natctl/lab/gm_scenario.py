@@ -22,7 +22,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 GAME_PORT = 1802
@@ -115,7 +114,7 @@ def result(p: Proc, seconds: float = 10) -> dict:
 
 def players_at_once(m: Machines, ports: dict[str, int], say: Callable[[str], None]) -> None:
     """Both players connect through the one public IP and are connected at the same moment."""
-    probes = {p: probe(m, p, m.relay_ip, ports[gm], hold=1.5) for p, gm in PLAYERS.items()}
+    probes = {p: probe(m, p, m.relay_ip, ports[gm], hold=2.0) for p, gm in PLAYERS.items()}
     wait_for("both players seated", lambda: all('"banner"' in pr.log() for pr in probes.values()))
     check(not any('"done"' in pr.log() for pr in probes.values()), "a player left before the other sat down")
     for player, gm in PLAYERS.items():
