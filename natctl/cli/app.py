@@ -42,13 +42,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    state: Annotated[Optional[str], typer.Option(help="Store file (SQLite). [default: /var/lib/natctl/natctl.db]",
+    state: Annotated[Optional[str], typer.Option(help="Store file (SQLite). (default: /var/lib/natctl/natctl.db)",
                                                  show_default=False)] = None,
-    relay_ip: Annotated[Optional[str], typer.Option(help="Public IPv4 of the relay. [default: address of the "
-                                                    "default route's interface]", show_default=False)] = None,
-    ports: Annotated[Optional[str], typer.Option(help="Relay port range LOW-HIGH. [default: 20000-29999]",
+    relay_ip: Annotated[Optional[str], typer.Option(help="Public IPv4 of the relay. (default: address of the "
+                                                    "default route's interface)", show_default=False)] = None,
+    ports: Annotated[Optional[str], typer.Option(help="Relay port range LOW-HIGH. (default: 20000-29999)",
                                                  show_default=False)] = None,
-    config: Annotated[Optional[str], typer.Option(help="Config file. [default: /etc/natctl/natctl.toml]",
+    config: Annotated[Optional[str], typer.Option(help="Config file. (default: /etc/natctl/natctl.toml)",
                                                   show_default=False)] = None,
     accel: Annotated[Optional[str], typer.Option(help="XDP accelerator: xdp, none or auto (XDP when the "
                                                  "interface takes it). (default: auto)", show_default=False)] = None,
