@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import Cli
 from natctl.lab.netns import run
+from natctl.lab.unprivileged import NOBODY, python
 
 pytestmark = pytest.mark.kernel
 
@@ -35,20 +37,15 @@ def refused(cli, lab, code: int, match: str, *args: str, env: dict | None = None
             prefix: list[str] | None = None) -> None:
     before = (store_state(cli), kernel_state(lab))
     if prefix:
-        proc = subprocess.run(["ip", "netns", "exec", cli.ns, *prefix, *cli_argv(cli), *args],
-                              capture_output=True, text=True, timeout=30)
+        argv, extra = python()
+        proc = subprocess.run(["ip", "netns", "exec", cli.ns, *prefix, *argv, "-m", "natctl", "--state", cli.state,
+                               *args], capture_output=True, text=True, timeout=30, env={**os.environ, **dict(extra)})
     else:
         proc = cli(*args, check=False, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("natctl: error: ") and match in lines[0], proc.stderr
     assert (store_state(cli), kernel_state(lab)) == before
-
-
-def cli_argv(cli) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "natctl", "--state", cli.state]
 
 
 @pytest.mark.parametrize("args,code,match", [
@@ -95,7 +92,7 @@ def test_store_locked_by_another_natctl(cli, lab):
 
 def test_not_root(cli, lab):
     refused(cli, lab, 6, "must run as root", "map", "add", "--lobby", "a", "--host", "198.18.1.2:27015",
-            "--client", "198.18.2.2:7", prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            "--client", "198.18.2.2:7", prefix=NOBODY)
 
 
 def test_missing_nftables_binding(cli, lab, tmp_path):

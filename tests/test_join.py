@@ -18,6 +18,7 @@ import pytest
 
 from natctl.errors import NatctlError, UsageError
 from natctl.join import Joiner, parse_hostport
+from natctl.lab.unprivileged import NOBODY, python
 
 
 async def banner_echo_server(banner: bytes) -> asyncio.Server:
@@ -149,14 +150,15 @@ def test_the_command_stops_on_ctrl_c_and_leaves_nothing(tmp_path, command) -> No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, *command, "127.0.0.1:9", "--local", f"127.0.0.1:{port}"]
+    interpreter, extra = python()  # one that uid 65534 can run, wherever the checkout is
+    argv = [*interpreter, *command, "127.0.0.1:9", "--local", f"127.0.0.1:{port}"]
     if os.geteuid() == 0:  # prove it needs no admin rights
-        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        argv = [*NOBODY, *argv]
     work = tmp_path / "cwd"
     work.mkdir()
     work.chmod(0o777)
     env = {"PATH": os.environ["PATH"], "HOME": str(work), "PYTHONPATH": os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "PYTHONDONTWRITEBYTECODE": "1"}
+        os.path.abspath(__file__))), "PYTHONDONTWRITEBYTECODE": "1", **dict(extra)}
     proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from natctl.gm.wireguard import socket_path, stale_socket
 from natctl.lab import topology
 from natctl.lab.netns import need, run, stop
+from natctl.lab.unprivileged import NOBODY, python  # players need no admin rights
 
 SITES = {"home-gm1": ["gm1"], "home-gm2": ["gm2"], "home-players": ["player1", "player2"]}
 VPN_SUBNET = "198.18.250.0/24"
 SITES_GMS = ["gm1", "gm2"]
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # players need no admin rights
 
 
 class NetnsProc:
@@ -49,7 +49,7 @@ class NetnsProc:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **dict(python()[1])}
 
 
 class NetnsMachines:
@@ -88,7 +88,7 @@ class NetnsMachines:
         return [sys.executable, "-m", "natctl", "--state", self.state]
 
     def python(self) -> list[str]:
-        return [sys.executable]
+        return list(python()[0])  # one that uid 65534 can run, wherever the checkout is
 
     def workdir(self, machine: str) -> str:
         path = os.path.join(self.tmp, "home", machine)
