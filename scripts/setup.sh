@@ -8,7 +8,7 @@ APT_PACKAGES=(
   nftables python3-nftables iproute2 conntrack ethtool procps kmod
   clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev make
   python3-venv python3-pip
-  socat iperf3 curl wireguard-go wireguard-tools openvpn
+  socat iperf3 curl wireguard-go wireguard-tools openvpn openssl util-linux
 )
 
 SUDO=""
