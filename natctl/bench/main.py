@@ -20,13 +20,15 @@ CAVEATS = [
     "XDP on veth runs on packets a local socket built (veth converts them, sometimes copying), and its XDP_TX "
     "needs the peer to run XDP too; on a real NIC XDP saves more than it can here.",
     "**2 CPUs.** The relay gets one; the sender, the sink and the echo share the other. The sender's own rate "
-    "is the ceiling for every method: a method marked *sender's limit* kept up with all the sender could do.",
+    "is the ceiling for every method: a relay whose CPU was well under 100% busy during the floods kept up "
+    "with all the sender could do, and its delivered rate is the sender's, not its own.",
     "**One flow per test.** Established flows go through conntrack, so the map size only touches a flow's "
     "first packet (and the per-packet counter set lookup); the scale rows measure established flows, not "
     "how fast new flows can be set up.",
     "**Floods livelock userspace relays**: the kernel's receive work for packets their socket then drops takes "
-    "the CPU from them, so under a flood they deliver less than they can carry. The *sustained* column is the "
-    "highest paced rate each carried with under 1% loss.",
+    "the CPU from them, so under a flood they deliver less than they can carry, and their CPU per delivered "
+    "packet includes that wasted work. The *sustained* column is the highest paced rate each carried with "
+    "under 1% loss (the JSON has the CPU per packet of every step of that search).",
     "**CPU counted** is the relay's own threads only (the relay interface's NAPI kernel thread, plus the relay's "
     "processes), from schedstat. Other work shares this machine: each measurement waits for both CPUs to be "
     "nearly idle first, a flood during which others took over 10% of the relay's CPU is redone, and the JSON "
@@ -36,21 +38,55 @@ CAVEATS = [
 ]
 
 
+def summary(r: dict[str, Any]) -> str:
+    """The run in a few sentences, from its figures."""
+    g = report.get
+    nft = g(r, "methods", "nftables", "flood", "64")
+    if not nft:
+        return ""
+    out = [f"With one CPU for the relay, natctl with nftables delivered {report.k(g(nft, 'pps', 'median'))} "
+           f"64-byte packets/s at {report.ns(g(nft, 'ns_per_packet', 'median'))} of CPU each"]
+    for other in ("socat", "asyncio"):
+        o = g(r, "methods", other, "flood", "64", "pps", "median")
+        if o:
+            out.append(f"{report.ratio(g(nft, 'pps', 'median'), o):.1f}x {other} "
+                       f"({report.ratio(g(r, 'methods', 'nftables', 'sustained', 'pps'), g(r, 'methods', other, 'sustained', 'pps')) or 0:.1f}x "
+                       "at the highest rate each carries with under 1% loss)")
+    text = out[0] + (": " + " and ".join(out[1:]) if out[1:] else "") + "."
+    xdp = g(r, "methods", "xdp", "flood", "64")
+    if xdp:
+        eq = report.ratio(g(r, "methods", "xdp", "equal_load", "ns_per_packet", "median"),
+                          g(r, "methods", "nftables", "equal_load", "ns_per_packet", "median"))
+        use = report.busy(xdp)
+        text += (f" XDP spent {eq:.2f}x nftables' CPU per packet at the same load" if eq else " XDP ran")
+        if use is not None and use < 0.8:
+            text += (f"; under a flood its relay CPU was only {use:.0%} busy, so its delivered rate here is the "
+                     "sender's limit, lower than for nftables because the lab's XDP_PASS program on the world side "
+                     "(which veth needs for XDP_TX) runs on the sender's CPU")
+        text += "."
+    return text
+
+
 def readme_block(r: dict[str, Any], command: str) -> str:
     """The README's benchmark section: command, date, machine, tables, verdicts, caveats."""
     m = r.get("machine", {})
     lines = [
-        f"Measured with `{command}` on {m.get('date', '?')[:10]} ({r.get('seconds', 0) / 60:.1f} minutes): "
+        f"Measured with `{command}` (as root) on {m.get('date', '?')[:10]} ({r.get('seconds', 0) / 60:.1f} minutes): "
         f"kernel {m.get('kernel')}, {m.get('cpus')} CPUs ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
         f"{m.get('nft')}, {m.get('socat')}. Every figure is in the JSON under `bench/results/` (not committed).",
         "",
         f"Lab: {report.get(r, 'lab', 'topology')}. CPU layout: {report.get(r, 'lab', 'layout')}. "
         f"{report.get(r, 'lab', 'sink')}.",
         "",
+        summary(r),
+        "",
         _md(report.METHOD_COLUMNS, report.method_rows(r)),
     ]
     if report.get(r, "scale", "available"):
-        lines += ["", "natctl with nftables, by mappings installed (each installed in one apply):", "",
+        lines += ["", "natctl with nftables, by mappings installed, each number installed in one apply into an empty "
+                  "table (a mapping is 6 nftables elements: dnat, snat and a counter entry for each direction; "
+                  "\"of it nft\" is the nftables transaction alone, the rest is planning and rendering in Python):",
+                  "",
                   _md(report.SCALE_COLUMNS, report.scale_rows(r))]
         inc, fp = report.get(r, "scale", "incremental"), report.get(r, "scale", "footprint")
         if inc:

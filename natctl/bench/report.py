@@ -119,26 +119,34 @@ def rtt(lat: dict[str, Any] | None) -> str:
     return f"{lat['p50_us']:.0f} / {lat['p99_us']:.0f}" + (f" ({lat['lost']} lost)" if lat.get("lost") else "")
 
 
+def busy(flood: dict[str, Any] | None) -> float | None:
+    """How busy the relay's own threads kept its CPU during the floods (median); well under 1: the
+    relay was not the limit, the sender was."""
+    shares = sorted(x["relay_cpu_s"] / x["wall_s"] for x in (flood or {}).get("runs", []) if x.get("wall_s"))
+    return shares[len(shares) // 2] if shares else None
+
+
 def method_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, m in r.get("methods", {}).items():
         if not m.get("available"):
-            rows.append([m["label"], f"not available: {m.get('reason')}"] + [""] * 7)
+            rows.append([m["label"], f"not available: {m.get('reason')}"] + [""] * (len(METHOD_COLUMNS) - 2))
             continue
         if m.get("error"):
-            rows.append([m["label"], f"failed: {m['error'][:80]}"] + [""] * 7)
+            rows.append([m["label"], f"failed: {m['error'][:80]}"] + [""] * (len(METHOD_COLUMNS) - 2))
             continue
         f64, f512 = get(m, "flood", "64"), get(m, "flood", "512")
-        loss = get(f64, "loss", "median")
+        loss, use = get(f64, "loss", "median"), busy(f64)
         rows.append([m["label"], span(get(f64, "pps")), "-" if loss is None else f"{loss:.0%}",
+                     "-" if use is None else f"{use:.0%}",
                      span(get(f64, "ns_per_packet"), ns), span(get(f512, "pps")), span(get(f512, "ns_per_packet"), ns),
                      k(get(m, "sustained", "pps")) + (" (sender's limit)" if get(m, "sustained", "sender_limited") else ""),
                      rtt(get(m, "latency", "low")), rtt(get(m, "latency", "half"))])
     return rows
 
 
-METHOD_COLUMNS = ["method", "64 B delivered/s (min-max)", "64 B loss", "64 B CPU/pkt", "512 B delivered/s",
-                  "512 B CPU/pkt", "sustained 64 B/s (<1% loss)", "RTT p50/p99 us, low load",
+METHOD_COLUMNS = ["method", "64 B delivered/s (min-max)", "64 B loss", "relay CPU busy", "64 B CPU/pkt",
+                  "512 B delivered/s", "512 B CPU/pkt", "sustained 64 B/s (<1% loss)", "RTT p50/p99 us, low load",
                   "RTT p50/p99 us, half load"]
 
 
@@ -190,6 +198,7 @@ def chart(r: dict[str, Any], path: str) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return None
     names = [n for n, m in r.get("methods", {}).items() if get(m, "flood")]
@@ -215,6 +224,10 @@ def chart(r: dict[str, Any], path: str) -> str | None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([r["methods"][n]["label"] for n in names], rotation=12, fontsize=8)
         ax.set_yscale("log")
+        fmt = k if key == "pps" else (lambda v: f"{v:,.0f}")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, fmt=fmt: fmt(v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     machine = r.get("machine", {})

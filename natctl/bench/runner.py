@@ -161,7 +161,8 @@ def run(cfg: Config, say: Callable[[str], None] = print) -> dict[str, Any]:
         results["lab"] = {"layout": lab.layout, "relay_cpu": relay_cpu, "load_cpu": load_cpu,
                           "topology": "relay (one interface) + world (client and host addresses); "
                                       "no home routers: their NAT would cost the sender's CPU, not the relay's",
-                          "sink": "flood packets counted and dropped by an nftables netdev ingress rule in the world"}
+                          "sink": "Flood packets are counted and dropped by an nftables netdev ingress rule in the "
+                                  "world; round trips go to a real echo"}
         shared: dict[str, Any] = {}
         for name in cfg.methods:
             method = METHODS[name]
