@@ -15,15 +15,18 @@ from natctl.model import Client, Endpoint, Host, Snapshot
 
 # Map and set names in table inet natctl. Keys are concatenations, values too.
 DNAT = "dnat4"  # saddr . proto . sport . dport        : new daddr . new dport
+# snat4's element counters are also the per-mapping packet counters: the
+# postrouting NAT lookup counts a flow's first packet, a lookup in the forward
+# chain every established one (both directions: a reply's de-NATed tuple is
+# the other direction's key).
 SNAT = "snat4"  # saddr . proto . sport . daddr . dport : new saddr . new sport
-ACCT = "acct4"  # saddr . proto . sport . daddr . dport (post-NAT, counts packets)
 FWD = "fwd4"  # proto . dport                         : daddr . dport
 FWDACCT = "fwdacct4"  # daddr . proto . dport (post-DNAT, counts packets)
 MASQ = "masq4"  # daddr . proto . dport                  : masquerade these
 HOSTPORTS = "hostports4"  # dport: host relay ports, where unknown senders reach the daemon
 # The XDP accelerator's map (UDP only): the whole rewrite of one direction.
 XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new dport
-NFT_SETS = frozenset({DNAT, SNAT, ACCT, FWD, FWDACCT, MASQ, HOSTPORTS})
+NFT_SETS = frozenset({DNAT, SNAT, FWD, FWDACCT, MASQ, HOSTPORTS})
 
 
 @dataclass(frozen=True, order=True)
@@ -112,8 +115,6 @@ def mapping_elements(m: Mapping, relay_ip: str) -> list[Element]:
         Element(DNAT, (h.ip, m.proto, h.port, m.client_port), (c.ip, c.port), tag),
         Element(SNAT, (c.ip, m.proto, c.port, h.ip, h.port), (relay_ip, m.client_port), tag),
         Element(SNAT, (h.ip, m.proto, h.port, c.ip, c.port), (relay_ip, m.host_port), tag),
-        Element(ACCT, (c.ip, m.proto, c.port, h.ip, h.port), None, tag),
-        Element(ACCT, (h.ip, m.proto, h.port, c.ip, c.port), None, tag),
     ] + ([
         Element(XDP, (c.ip, c.port, m.host_port), (relay_ip, m.client_port, h.ip, h.port), tag),
         Element(XDP, (h.ip, h.port, m.client_port), (relay_ip, m.host_port, c.ip, c.port), tag),

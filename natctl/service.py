@@ -258,8 +258,8 @@ class Service(RelayOps):
                 # Packets XDP forwarded never reach nftables' counters: count them in, and apart.
                 xdp_up = installed.counters.get((planner.XDP, (m.client.ip, m.client.port, m.host_port)), (0, 0))
                 xdp_down = installed.counters.get((planner.XDP, (m.host.ip, m.host.port, m.client_port)), (0, 0))
-                to_host = tuple(map(sum, zip(installed.counters.get((planner.ACCT, up), (0, 0)), xdp_up)))
-                to_client = tuple(map(sum, zip(installed.counters.get((planner.ACCT, down), (0, 0)), xdp_down)))
+                to_host = tuple(map(sum, zip(installed.counters.get((planner.SNAT, up), (0, 0)), xdp_up)))
+                to_client = tuple(map(sum, zip(installed.counters.get((planner.SNAT, down), (0, 0)), xdp_down)))
                 ok = all(e in installed.elements for e in planner.mapping_elements(m, self.relay_ip)
                          if e.set in self.kernel.owns)
             out.append(MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,

@@ -3,7 +3,7 @@
 The lab gives the relay's link peer an XDP_PASS program and turns tx checksum
 offload off on the endpoints (natctl.lab.xdp, see DESIGN), then natctl runs
 with --accel xdp in native mode. Counters prove who forwarded what: XDP's
-per-mapping counts, and nftables' acct4 counters that stay at zero.
+per-mapping counts, and nftables' snat4 counters that stay at zero.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def xdp_on_eth0(lab) -> str:
 
 
 def nft_acct(lab) -> dict:
-    """nftables' own per-mapping counters (acct4), straight from the kernel."""
+    """nftables' own per-mapping counters (snat4's elements), straight from the kernel."""
     doc = json.loads(run(["nft", "-j", "list", "table", "inet", "natctl"], ns=lab.relay_ns).stdout)
-    return {k[1]: v for k, v in parse_listing(doc).counters.items() if k[0] == "acct4"}
+    return {k[1]: v for k, v in parse_listing(doc).counters.items() if k[0] == "snat4"}
 
 
 def counts(relay, lab, socks, client):  # noqa: F811

@@ -26,7 +26,7 @@ def test_map_add_allocates_and_installs(svc):
     svc.lobby_create("a")
     (m,) = svc.map_add("a", H, [C1])
     assert (m.host_port, m.client_port) == (20009, 20000)
-    assert len(svc.fake.installed.elements) == 7  # 6 for the mapping, 1 host port
+    assert len(svc.fake.installed.elements) == 5  # 4 for the mapping, 1 host port
     (m2,) = svc.map_add("a", H, [C2])
     assert (m2.host_port, m2.client_port) == (20009, 20001)
     assert svc.apply().changed is False  # a second apply sends nothing
@@ -110,14 +110,14 @@ def test_cleanup_removes_what_expired(svc):
 def test_idle_mappings_expire_by_kernel_counters(svc):
     from dataclasses import replace
 
-    from natctl.plan import ACCT
+    from natctl.plan import SNAT
 
     now = [1000.0]
     svc.clock = lambda: now[0]
     svc.settings = replace(svc.settings, idle_timeout=60)
     svc.lobby_create("a")
     svc.map_add("a", H, [C1, C2])
-    busy_key = (ACCT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015))
+    busy_key = (SNAT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015))
     for step in range(1, 4):  # C1 keeps sending; C2 is silent
         now[0] += 30
         svc.fake.installed.counters[busy_key] = (step * 10, step * 640)
@@ -152,7 +152,7 @@ def test_admission_checks_and_scoped_changes(svc):
     host = svc.register_host(token, H)
     before = len(svc.fake.scripts)
     m1 = svc.admit_client(host.relay_port, C1)
-    assert svc.last_sync.added == 6 and svc.last_sync.deleted == 0  # one client's elements, nothing else
+    assert svc.last_sync.added == 4 and svc.last_sync.deleted == 0  # one client's elements, nothing else
     assert svc.admit_client(host.relay_port, C1) == m1 and len(svc.fake.scripts) == before + 1
     with pytest.raises(NotAllowed, match="not allowed"):
         svc.admit_client(host.relay_port, Endpoint("198.18.9.9", 5))

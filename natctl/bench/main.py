@@ -84,7 +84,7 @@ def readme_block(r: dict[str, Any], command: str) -> str:
     ]
     if report.get(r, "scale", "available"):
         lines += ["", "natctl with nftables, by mappings installed, each number installed in one apply into an empty "
-                  "table (a mapping is 6 nftables elements: dnat, snat and a counter entry for each direction; "
+                  "table (a mapping is 4 nftables elements: dnat and snat for each direction; "
                   "\"of it nft\" is the nftables transaction alone, the rest is planning and rendering in Python):",
                   "",
                   _md(report.SCALE_COLUMNS, report.scale_rows(r))]

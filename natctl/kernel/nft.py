@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from natctl.errors import KernelError
-from natctl.plan import ACCT, DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Element
+from natctl.plan import DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Element
 
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v3"
+SCHEMA = "schema_v4"
 # Packets natctl's daemon sends itself (a client's first packets, delivered to
 # the host from relay:client_port) carry this mark and skip conntrack, so they
 # never take the tuple the client's own flow will need.
@@ -34,7 +34,6 @@ CHUNK = 2000  # elements per statement: keeps each line short, still one transac
 TYPES: dict[str, tuple[str, str | None]] = {
     DNAT: ("ipv4_addr . inet_proto . inet_service . inet_service", "ipv4_addr . inet_service"),
     SNAT: ("ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service", "ipv4_addr . inet_service"),
-    ACCT: ("ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service", None),
     FWD: ("inet_proto . inet_service", "ipv4_addr . inet_service"),
     FWDACCT: ("ipv4_addr . inet_proto . inet_service", None),
     MASQ: ("ipv4_addr . inet_proto . inet_service", None),
@@ -77,7 +76,7 @@ def skeleton() -> str:
             "  }",
             "  chain forward {",
             "    type filter hook forward priority filter; policy accept;",
-            f"    {L4} ip saddr . meta l4proto . th sport . ip daddr . th dport @{ACCT}",
+            f"    {L4} ct state established ip saddr . meta l4proto . th sport . ip daddr . th dport @{SNAT}",
             f"    {L4} ct status dnat ip daddr . meta l4proto . th dport @{FWDACCT}",
             "  }",
             "  chain input {",
