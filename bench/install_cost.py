@@ -6,8 +6,8 @@
 Builds the bench's lab (natctl/bench/lab.py), has natctl's bench worker fill a
 store with N mappings and apply them in one transaction, then adds one client
 twice over: through the daemon's scoped path and through `natctl map add`'s
-full reconcile. Prints how long each took and how many nftables elements each
-sent (6 = exactly that mapping's: two directions of dnat, snat and counters).
+full reconcile. Prints how long each took, how many nftables elements each
+sent, and whether they were all that new mapping's own.
 Everything it creates is removed afterwards, also on Ctrl-C.
 """
 

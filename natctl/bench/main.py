@@ -83,10 +83,12 @@ def readme_block(r: dict[str, Any], command: str) -> str:
         _md(report.METHOD_COLUMNS, report.method_rows(r)),
     ]
     if report.get(r, "scale", "available"):
+        install = report.get(r, "scale", "install") or {}
+        most = max(install, key=int, default=None)
+        per = f"{install[most]['elements'] / int(most):.0f}" if most and install[most].get("elements") else "?"
         lines += ["", "natctl with nftables, by mappings installed, each number installed in one apply into an empty "
-                  "table (a mapping is 4 nftables elements: dnat and snat for each direction; "
-                  "\"of it nft\" is the nftables transaction alone, the rest is planning and rendering in Python):",
-                  "",
+                  f"table ({per} nftables elements a mapping; \"of it nft\" is the nftables transaction alone, "
+                  "the rest is planning and rendering in Python):", "",
                   _md(report.SCALE_COLUMNS, report.scale_rows(r))]
         inc, fp = report.get(r, "scale", "incremental"), report.get(r, "scale", "footprint")
         if inc:
