@@ -121,7 +121,21 @@ def machine() -> dict[str, object]:
         "socat": _socat_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average": os.getloadavg(),
+        "commit": commit(),
     }
+
+
+def commit() -> str:
+    """The checkout's commit, '+changes' if tracked files differ from it (others may be editing)."""
+    root = str(Path(__file__).resolve().parents[2])
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head + ("+changes" if dirty else "")) if head else "unknown"
 
 
 def _socat_version() -> str:

@@ -71,7 +71,8 @@ def readme_block(r: dict[str, Any], command: str) -> str:
     """The README's benchmark section: command, date, machine, tables, verdicts, caveats."""
     m = r.get("machine", {})
     lines = [
-        f"Measured with `{command}` (as root) on {m.get('date', '?')[:10]} ({r.get('seconds', 0) / 60:.1f} minutes): "
+        f"Measured with `{command}` (as root) on {m.get('date', '?')[:10]} at commit {m.get('commit', '?')} "
+        f"({r.get('seconds', 0) / 60:.1f} minutes): "
         f"kernel {m.get('kernel')}, {m.get('cpus')} CPUs ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
         f"{m.get('nft')}, {m.get('socat')}. Every figure is in the JSON under `bench/results/` (not committed).",
         "",
