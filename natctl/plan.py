@@ -29,7 +29,7 @@ XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new 
 NFT_SETS = frozenset({DNAT, SNAT, FWD, FWDACCT, MASQ, HOSTPORTS})
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Element:
     """One entry of an nftables map or set (value is None for a set)."""
 
@@ -55,9 +55,13 @@ class Changes:
     add: tuple[Element, ...] = ()
     delete: tuple[Element, ...] = ()
     create_table: bool = False
+    # A fresh random tag written to the kernel with the change (and to the store
+    # with its commit): when both still hold the same tag, the kernel is known
+    # to mirror the store, and a change may plan only the elements it touches.
+    generation: int | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.delete or self.create_table)
+        return bool(self.add or self.delete or self.create_table or self.generation is not None)
 
     def flows(self) -> list[Flow]:
         """Conntrack tuples to flush after the deletes: flows to relay ports that went away."""

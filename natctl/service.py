@@ -19,7 +19,7 @@ from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, KernelError, NotFound, UsageError
 from natctl.kernel.backend import Kernel
-from natctl.model import Client, Endpoint, Forward, Host, Lobby
+from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
 from natctl.relayops import RelayOps, hash_token
 from natctl.store import Store
 from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
@@ -72,46 +72,71 @@ class Service(RelayOps):
                 scope: Callable[[Store], frozenset[planner.Element]] | None = None) -> Iterator[Store]:
         """Store rows and kernel change together, or neither.
 
-        With ``scope`` (planning just the elements a change can touch, e.g.
-        one lobby's) only those are planned, before and after the change, and
-        their difference applied: the daemon's fast path, which trusts that
-        the kernel mirrors the store (it reconciles in full at start and
-        periodically). Without it, the whole desired state is diffed against
-        what the kernel holds.
+        ``scope`` plans just the elements a change can touch (one lobby's, one
+        client's, one forward's). When the kernel is known to mirror the store
+        (both hold the tag of the last change, see Changes.generation), only
+        those are planned, before and after the change, and their difference
+        applied: milliseconds however many mappings are installed. Otherwise,
+        and without a scope, the whole desired state is diffed against what
+        the kernel holds.
         """
         if apply:
             self.kernel  # fail fast (not root, no binding) before touching the store
         store = self.store
         changes = planner.Changes()
         with store.write():
-            before = scope(store) if apply and scope is not None else None
+            trusted = apply and scope is not None and store.generation() is not None \
+                and self.kernel.generation() == store.generation()
+            before = scope(store) if trusted and scope is not None else None
             yield store
             if apply:
                 start = time.perf_counter()
-                scoped = self._apply_scoped(store, scope, before) if before is not None else None
-                changes = scoped if scoped is not None else self._apply_full(store)
+                tag = secrets.randbits(31)
+                scoped = self._apply_scoped(store, scope, before, tag) if before is not None else None
+                changes = scoped if scoped is not None else self._apply_full(store, tag)
+                if changes.generation is not None:
+                    store.set_generation(changes.generation)
                 self.last_sync = SyncResult(self.kernel.name, len(changes.add), len(changes.delete),
                                             changes.create_table, 0, time.perf_counter() - start)
         if changes.delete:
             self.last_sync = replace(self.last_sync, flows_forgotten=self._forget(changes))
 
     def _apply_scoped(self, store: Store, scope: Callable[[Store], frozenset[planner.Element]] | None,
-                      before: frozenset) -> planner.Changes | None:
+                      before: frozenset, tag: int) -> planner.Changes | None:
         """Apply a scoped difference; None if the kernel refused it (it drifted from the store)."""
         assert scope is not None
         changes = planner.diff(scope(store), before)
-        try:
-            self.kernel.apply(changes)
-        except KernelError:
-            return None
+        if changes:
+            changes = replace(changes, generation=tag)
+            try:
+                self.kernel.apply(changes)
+            except KernelError:
+                return None
         return changes
 
-    def _apply_full(self, store: Store) -> planner.Changes:
+    def _apply_full(self, store: Store, tag: int) -> planner.Changes:
         desired = planner.plan(store.snapshot(self.relay_ip), self.clock(), self.kernel.owns)
         installed = self.kernel.read()
         changes = planner.diff(desired, installed.elements, installed.table_ok)
-        self.kernel.apply(changes)
+        # Verified in full: tag the kernel (if it changes, or lacks the store's tag) so the next change may be scoped.
+        if changes or store.generation() is None or store.generation() != self.kernel.generation():
+            changes = replace(changes, generation=tag)
+            self.kernel.apply(changes)
         return changes
+
+    def _lobby_scope(self, name: str) -> Callable[[Store], frozenset[planner.Element]]:
+        """The elements of the open lobby called ``name`` (none if there is none)."""
+        def scope(store: Store) -> frozenset[planner.Element]:
+            lobby = store.lobby(name)
+            return self._plan_lobby(store, lobby.id) if lobby else frozenset()
+        return scope
+
+    def _forward_scope(self, port: int) -> Callable[[Store], frozenset[planner.Element]]:
+        def scope(store: Store) -> frozenset[planner.Element]:
+            fwd = store.forward(port)
+            snap = Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ())
+            return planner.plan(snap, self.clock(), self.kernel.owns)
+        return scope
 
     def _plan_lobby(self, store: Store, lobby_id: int,
                     client: tuple[str, Endpoint] | None = None) -> frozenset[planner.Element]:
@@ -156,7 +181,7 @@ class Service(RelayOps):
         if max_clients < 1:
             raise UsageError(f"invalid --max-clients {max_clients}", "use 1 or more")
         token = secrets.token_urlsafe(24)  # 192 bits
-        with self._change(apply) as store:
+        with self._change(apply, self._lobby_scope(name)) as store:
             if store.lobby(name) is not None:
                 raise Conflict(f"a lobby named {name!r} is already open", "pick another name or close it first")
             lobby = store.add_lobby(Lobby(0, name, allow, ttl, self.clock(), None, hash_token(token),
@@ -164,7 +189,7 @@ class Service(RelayOps):
         return lobby, token
 
     def lobby_close(self, name: str, apply: bool = True) -> Lobby:
-        with self._change(apply) as store:
+        with self._change(apply, self._lobby_scope(name)) as store:
             lobby = self._lobby(name)
             store.close_lobby(lobby.id, self.clock())
         return lobby
@@ -209,7 +234,7 @@ class Service(RelayOps):
                 apply: bool = True) -> list[MappingView]:
         """Map clients to a lobby's host, allocating relay ports; all in one kernel transaction."""
         out = []
-        with self._change(apply) as store:
+        with self._change(apply, self._lobby_scope(lobby_name)) as store:
             lobby = self._lobby(lobby_name)
             alloc = self._allocator(store)
             host = self._ensure_host(store, lobby, host_addr, alloc)
@@ -237,7 +262,7 @@ class Service(RelayOps):
         return out
 
     def map_remove(self, lobby_name: str, client: Endpoint, proto: str = "udp", apply: bool = True) -> None:
-        with self._change(apply) as store:
+        with self._change(apply, self._lobby_scope(lobby_name)) as store:
             lobby = self._lobby(lobby_name)
             c = store.client(lobby.id, proto, client)
             if c is None:
@@ -275,14 +300,14 @@ class Service(RelayOps):
             raise Conflict(f"port {port} is reserved for natctl's relay ports ({self.settings.ports}) "
                            f"or registration ({self.settings.registration_port})", "pick a port outside them")
         fwd = Forward(port, target, proto, ttl, self.clock(), True, owner)
-        with self._change(apply) as store:
+        with self._change(apply, self._forward_scope(port)) as store:
             if store.forward(port) is not None:
                 raise Conflict(f"public port {port} is already forwarded", f"remove it first: natctl forward remove {port}")
             store.add_forward(fwd)
         return fwd
 
     def forward_remove(self, port: int, apply: bool = True) -> Forward:
-        with self._change(apply) as store:
+        with self._change(apply, self._forward_scope(port)) as store:
             fwd = store.forward(port)
             if fwd is None:
                 raise NotFound(f"no forward on port {port}", "see 'natctl forward list'")

@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS clients (
   activity INTEGER NOT NULL DEFAULT 0,  -- kernel packet count when last_seen was set
   UNIQUE (lobby_id, proto, ip, port)
 );
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS forwards (
   port INTEGER PRIMARY KEY,
   proto TEXT NOT NULL,
@@ -147,6 +151,15 @@ class Store:
                         for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
             clients=tuple(_client(r) for r in q(f"SELECT * FROM clients WHERE {where} ORDER BY id", args)),
         )
+
+    def generation(self) -> int | None:
+        """The tag of the last change this store saw the kernel take (see plan.Changes.generation)."""
+        r = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(r[0]) if r else None
+
+    def set_generation(self, generation: int) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES ('generation', ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(generation),))
 
     def lobby(self, name: str) -> Lobby | None:
         r = self.db.execute("SELECT * FROM lobbies WHERE name=? AND closed IS NULL", (name,)).fetchone()

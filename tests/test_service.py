@@ -162,3 +162,19 @@ def test_admission_checks_and_scoped_changes(svc):
     with pytest.raises(NotFound):
         svc.admit_client(20001, C1)
     assert len(svc.mappings()) == 2
+
+
+def test_changes_are_scoped_while_the_kernel_carries_the_stores_tag(svc):
+    svc.lobby_create("a")
+    svc.map_add("a", H, [C1])  # the first change verifies in full and tags kernel and store
+    reads = svc.fake.reads
+    svc.map_add("a", H, [C2])
+    svc.map_remove("a", C1)
+    svc.forward_add(8080, Endpoint("198.18.9.9", 80))
+    assert svc.fake.reads == reads  # no full read of the kernel for any of them
+    assert len(svc.fake.installed.elements) == 4 + 1 + 3
+    svc.fake.uninstall()  # someone removed the table behind natctl's back
+    svc.map_add("a", H, [Endpoint("198.18.2.2", 40003)])
+    assert svc.fake.reads == reads + 1  # no tag in the kernel: a full reconcile rebuilds everything
+    assert len(svc.fake.installed.elements) == 2 * 4 + 1 + 3
+    assert svc.apply().changed is False

@@ -49,11 +49,15 @@ class XdpKernel:
                 installed.counters[(XDP, key)] = stats.get(key, (0, 0, 0))[:2]
         return installed
 
+    def generation(self) -> int | None:
+        return self.nft.generation()
+
     def apply(self, changes: Changes) -> None:
         xdp_del = [e.key for e in changes.delete if e.set == XDP]
         xdp_add = {e.key: e.value for e in changes.add if e.set == XDP}
         self.nft.apply(Changes(tuple(e for e in changes.add if e.set != XDP),
-                               tuple(e for e in changes.delete if e.set != XDP), changes.create_table))
+                               tuple(e for e in changes.delete if e.set != XDP), changes.create_table,
+                               changes.generation))
         if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
             return
         try:

@@ -19,6 +19,8 @@ class Kernel(Protocol):
 
     def read(self) -> Installed: ...
 
+    def generation(self) -> int | None: ...
+
     def apply(self, changes: Changes) -> None: ...
 
     def forget(self, changes: Changes) -> int: ...
@@ -37,6 +39,9 @@ class NftKernel:
 
     def read(self) -> Installed:
         return self.nft.read()
+
+    def generation(self) -> int | None:
+        return self.nft.generation()
 
     def apply(self, changes: Changes) -> None:
         self.nft.apply(changes)
@@ -60,8 +65,11 @@ class FakeKernel:
         self.installed = Installed()
         self.scripts: list[str] = []
         self.fail = fail
+        self.gen: int | None = None
+        self.reads = 0
 
     def read(self) -> Installed:
+        self.reads += 1
         return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
                          dict(self.installed.counters))
 
@@ -75,6 +83,10 @@ class FakeKernel:
         elements -= set(changes.delete)
         elements |= set(changes.add)
         self.installed = Installed(True, True, elements, {})
+        self.gen = changes.generation
+
+    def generation(self) -> int | None:
+        return self.gen
 
     def forget(self, changes: Changes) -> int:
         return len(changes.flows())
@@ -82,4 +94,5 @@ class FakeKernel:
     def uninstall(self) -> bool:
         existed = self.installed.present
         self.installed = Installed()
+        self.gen = None
         return existed

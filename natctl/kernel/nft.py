@@ -18,7 +18,7 @@ from natctl.plan import DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Elem
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v4"
+SCHEMA = "schema_v5"
 # Packets natctl's daemon sends itself (a client's first packets, delivered to
 # the host from relay:client_port) carry this mark and skip conntrack, so they
 # never take the tuple the client's own flow will need.
@@ -56,6 +56,7 @@ def skeleton() -> str:
             f"table inet {TABLE} {{",
             '  comment "managed by natctl: edit with the natctl command, not by hand"',
             f"  set {SCHEMA} {{\n    type inet_service\n  }}",
+            "  set generation {\n    type mark\n  }",
             *sets,
             # Senders the daemon refused, for a while: dropped here at no cost to it.
             f"  set blocked4 {{\n    type ipv4_addr . inet_service\n    flags dynamic,timeout\n"
@@ -135,6 +136,9 @@ def render(changes: Changes) -> str:
     else:
         lines += _statements("delete", changes.delete)
     lines += _statements("add", changes.add)
+    if changes.generation is not None:
+        lines += [f"flush set inet {TABLE} generation",
+                  f"add element inet {TABLE} generation {{ {changes.generation} }}"]
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +191,7 @@ def parse_listing(doc: dict) -> Installed:
                 out.elements.add(Element(obj["name"], key, value, comment))
                 if counter:
                     out.counters[(obj["name"], key)] = (counter["packets"], counter["bytes"])
-    out.table_ok = out.present and names >= {SCHEMA, *TYPES, "rawpre", "prerouting", "forward", "postrouting", "input", "output"}
+    out.table_ok = out.present and names >= {SCHEMA, "generation", *TYPES, "rawpre", "prerouting", "forward", "postrouting", "input", "output"}
     return out
 
 
@@ -229,6 +233,19 @@ class Nft:
     def apply(self, changes: Changes) -> None:
         if changes:
             self.run(render(changes))
+
+    def generation(self) -> int | None:
+        """The tag of the last change applied (see Changes.generation); None without one."""
+        import json
+
+        rc, out, _ = self._nft.cmd(f"list set inet {TABLE} generation")
+        if rc != 0:
+            return None
+        for item in json.loads(out).get("nftables", []):
+            elems = item.get("set", {}).get("elem", [])
+            if elems and isinstance(elems[0], int):
+                return elems[0]
+        return None
 
     def uninstall(self) -> bool:
         """Delete table inet natctl and nothing else. True if it existed."""
