@@ -146,6 +146,11 @@ class Service(RelayOps):
     def _forget(self, changes: planner.Changes) -> int:
         return self.kernel.forget(changes)
 
+    def in_sync(self) -> bool:
+        """Does the kernel carry the tag of the store's last change (so it holds what the store says)?"""
+        tag = self.store.generation()
+        return tag is not None and self.kernel.generation() == tag
+
     def apply(self) -> SyncResult:
         """Make the kernel hold exactly what the store says (a no-op when it already does)."""
         with self._change(apply=True):

@@ -212,9 +212,13 @@ def serve(settings: Settings) -> int:
     fd = lock(settings.state)
     try:
         svc = Service(settings)
-        result = svc.apply()  # after a crash or reboot: rebuild the kernel from the store
-        log("started", pid=os.getpid(), relay_ip=svc.relay_ip, backend=result.backend,
-            registration_port=settings.registration_port, added=result.added, deleted=result.deleted)
+        # After a reboot (no table, no tag) rebuild the kernel from the store; after a restart
+        # the kernel still carries the store's tag and is trusted (cleanup verifies in full later).
+        in_sync = svc.in_sync()
+        result = None if in_sync else svc.apply()
+        log("started", pid=os.getpid(), relay_ip=svc.relay_ip, backend=svc.kernel.name,
+            registration_port=settings.registration_port, kernel="in sync" if in_sync else "reconciled",
+            added=result.added if result else 0, deleted=result.deleted if result else 0)
         if settings.metrics:
             metrics.serve_metrics(settings.metrics)
 
