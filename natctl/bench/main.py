@@ -64,6 +64,11 @@ def summary(r: dict[str, Any]) -> str:
                      "sender's limit, lower than for nftables because the lab's XDP_PASS program on the world side "
                      "(which veth needs for XDP_TX) runs on the sender's CPU")
         text += "."
+    again = g(r, "scale", "forwarding", "10", "pps", "median")
+    if again and g(nft, "pps", "median"):
+        gap = abs(again / g(nft, "pps", "median") - 1)
+        text += (f" The same nftables setup measured again later in the run (the scale rows, 10 mappings) delivered "
+                 f"{report.k(again)}, {gap:.0%} apart: that is this VM's noise between moments of one run.")
     return text
 
 
