@@ -92,13 +92,13 @@ class Mapping:
     client_id: int = 0
 
 
-def live_hosts(snap: Snapshot, now: float) -> dict[int, Host]:
-    """Hosts of open, unexpired lobbies, by lobby id."""
-    live = {lb.id for lb in snap.lobbies if lb.closed is None and not lb.expired(now)}
+def live_hosts(snap: Snapshot, now: float | None) -> dict[int, Host]:
+    """Hosts of open, unexpired lobbies, by lobby id (``now`` None: TTLs are not looked at)."""
+    live = {lb.id for lb in snap.lobbies if lb.closed is None and not (now is not None and lb.expired(now))}
     return {h.lobby_id: h for h in snap.hosts if h.lobby_id in live}
 
 
-def mappings(snap: Snapshot, now: float) -> list[Mapping]:
+def mappings(snap: Snapshot, now: float | None) -> list[Mapping]:
     """The live mappings: clients of open, unexpired lobbies that have a host."""
     live = {lb.id: lb for lb in snap.lobbies}
     hosts = live_hosts(snap, now)
@@ -125,7 +125,7 @@ def mapping_elements(m: Mapping, relay_ip: str) -> list[Element]:
     ] if m.proto == "udp" else [])
 
 
-def plan(snap: Snapshot, now: float, sets: frozenset[str] | None = None) -> frozenset[Element]:
+def plan(snap: Snapshot, now: float | None, sets: frozenset[str] | None = None) -> frozenset[Element]:
     """Desired kernel elements for a snapshot at time ``now`` (expired things are left out).
 
     ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map).
@@ -134,7 +134,7 @@ def plan(snap: Snapshot, now: float, sets: frozenset[str] | None = None) -> froz
     for m in mappings(snap, now):
         out += mapping_elements(m, snap.relay_ip)
     for f in snap.forwards:
-        if f.expired(now):
+        if now is not None and f.expired(now):
             continue
         tag = f"forward {f.port}" + (f" {f.owner}" if f.owner else "")
         for proto in f.protos:

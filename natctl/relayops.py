@@ -14,6 +14,7 @@ from natctl import plan as planner
 from natctl.alloc import Allocator
 from natctl.errors import Conflict, NotFound
 from natctl.model import Client, Endpoint, Host
+from natctl.store import Store
 from natctl.views import MappingView
 
 if TYPE_CHECKING:
@@ -84,19 +85,29 @@ class RelayOps:
         """
         if self.settings.idle_timeout <= 0:
             return []
-        installed = self.kernel.read()
-        now, gone = self.clock(), []
-        with self._change(apply) as store:
-            seen = store.activity()
-            moved: dict[int, tuple[int, float]] = {}
-            for m in planner.mappings(store.snapshot(self.relay_ip), now):
-                count = sum(installed.counters.get((e.set, e.key), (0, 0))[0]
-                            for e in planner.mapping_elements(m, self.relay_ip))
-                last_count, last_seen = seen.get(m.client_id, (0, now))
-                if count != last_count:
-                    moved[m.client_id] = (count, now)
-                elif now - last_seen >= self.settings.idle_timeout:
-                    store.remove_client(m.client_id)
-                    gone.append(f"{m.lobby}/{m.proto}/{m.client}")
+        # Only the maps whose elements count packets: reading them is most of the cost at scale.
+        installed = self.kernel.read(self.kernel.owns & {planner.SNAT, planner.XDP})
+        now = self.clock()
+        moved: dict[int, tuple[int, float]] = {}
+        idle: list[planner.Mapping] = []
+        seen = self.store.activity()
+        snap = self.store.snapshot(self.relay_ip)
+        lobby_of = {c.id: c.lobby_id for c in snap.clients}
+        for m in planner.mappings(snap, now):
+            count = sum(installed.counters.get((e.set, e.key), (0, 0))[0]
+                        for e in planner.mapping_elements(m, self.relay_ip))
+            last_count, last_seen = seen.get(m.client_id, (0, now))
+            if count != last_count:
+                moved[m.client_id] = (count, now)
+            elif now - last_seen >= self.settings.idle_timeout:
+                idle.append(m)
+
+        def scope(store: Store) -> frozenset[planner.Element]:  # the idle clients' elements, nothing else
+            return frozenset().union(*(self._plan_lobby(store, lobby_of[m.client_id], client=(m.proto, m.client))
+                                       for m in idle))
+
+        with self._change(apply, scope) as store:
             store.touch_clients(moved)
-        return gone
+            for m in idle:
+                store.remove_client(m.client_id)
+        return [f"{m.lobby}/{m.proto}/{m.client}" for m in idle]

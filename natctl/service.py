@@ -135,13 +135,16 @@ class Service(RelayOps):
         def scope(store: Store) -> frozenset[planner.Element]:
             fwd = store.forward(port)
             snap = Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ())
-            return planner.plan(snap, self.clock(), self.kernel.owns)
+            return planner.plan(snap, None, self.kernel.owns)
         return scope
 
     def _plan_lobby(self, store: Store, lobby_id: int,
                     client: tuple[str, Endpoint] | None = None) -> frozenset[planner.Element]:
-        """One lobby's elements (or only those of one of its clients and its host port)."""
-        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id, client), self.clock(), self.kernel.owns)
+        """One lobby's elements (or only those of one of its clients and its host port).
+
+        TTLs are not looked at: what a scope holds goes from the kernel when
+        cleanup closes or removes it, exactly as it came in."""
+        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id, client), None, self.kernel.owns)
 
     def _forget(self, changes: planner.Changes) -> int:
         return self.kernel.forget(changes)
@@ -160,8 +163,9 @@ class Service(RelayOps):
     def cleanup(self, apply: bool = True) -> dict[str, list]:
         """Close lobbies past their TTL, remove forwards past theirs, then mappings that went idle."""
         now = self.clock()
-        with self._change(apply) as store:
-            lobbies, forwards = store.expired(now)
+        lobbies, forwards = self.store.expired(now)
+        scopes = [self._lobby_scope(lb.name) for lb in lobbies] + [self._forward_scope(f.port) for f in forwards]
+        with self._change(apply, lambda st: frozenset().union(*(scope(st) for scope in scopes))) as store:
             for lb in lobbies:
                 store.close_lobby(lb.id, now)
             for f in forwards:

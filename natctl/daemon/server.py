@@ -27,6 +27,7 @@ from natctl.service import Service
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 REFRESH_SECONDS = 1.0  # how soon a lobby made with the CLI gets its listener
+VERIFY_SECONDS = 600.0  # how often the whole kernel state is read back and compared with the store
 
 
 def lock(state: str) -> int:
@@ -108,6 +109,7 @@ class Daemon:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="natctl-cleanup")
         self._worker_svc: Service | None = None
         self._opening: set[int] = set()
+        self._next_verify = time.monotonic() + VERIFY_SECONDS
 
     def refresh_host_ports(self) -> None:
         """Listen on exactly the host relay ports of open lobbies."""
@@ -170,9 +172,16 @@ class Daemon:
             log("block_failed", source=ip, error=str(err))
 
     def _cleanup(self) -> dict:
+        """Scoped cleanup every interval; now and then a full reconcile, which repairs any drift."""
         if self._worker_svc is None:
             self._worker_svc = Service(self.svc.settings)
-        return self._worker_svc.cleanup()
+        gone = self._worker_svc.cleanup()
+        if time.monotonic() >= self._next_verify:
+            self._next_verify = time.monotonic() + VERIFY_SECONDS
+            result = self._worker_svc.apply()
+            if result.changed:
+                log("reconciled", added=result.added, deleted=result.deleted, note="the kernel had drifted")
+        return gone
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.svc.settings

@@ -9,6 +9,7 @@ map writes in the same step. Whatever XDP cannot do, nftables does.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 import sys
 import time
 
@@ -40,9 +41,9 @@ class XdpKernel:
             return self.nft.name
         return f"{self.nft.name}+xdp({self.prog.mode if self.prog.attached else 'detached'})"
 
-    def read(self) -> Installed:
-        installed = self.nft.read()
-        if XDP in self.owns:
+    def read(self, sets: Iterable[str] | None = None) -> Installed:
+        installed = self.nft.read(None if sets is None else [s for s in sets if s != XDP])
+        if XDP in self.owns and (sets is None or XDP in sets):
             stats = self.prog.flow_stats()
             for key, value in self.prog.entries().items():
                 installed.elements.add(Element(XDP, key, value))

@@ -6,6 +6,7 @@ memory for fast unit tests (never instead of the kernel tests).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from natctl.errors import KernelError
@@ -17,7 +18,7 @@ class Kernel(Protocol):
     name: str
     owns: frozenset[str]  # the plan's sets this backend installs (see natctl.plan)
 
-    def read(self) -> Installed: ...
+    def read(self, sets: Iterable[str] | None = None) -> Installed: ...
 
     def generation(self) -> int | None: ...
 
@@ -37,8 +38,8 @@ class NftKernel:
 
         self.nft = Nft()
 
-    def read(self) -> Installed:
-        return self.nft.read()
+    def read(self, sets: Iterable[str] | None = None) -> Installed:
+        return self.nft.read(sets)
 
     def generation(self) -> int | None:
         return self.nft.generation()
@@ -68,7 +69,11 @@ class FakeKernel:
         self.gen: int | None = None
         self.reads = 0
 
-    def read(self) -> Installed:
+    def read(self, sets: Iterable[str] | None = None) -> Installed:
+        if sets is not None:
+            keep = set(sets)
+            return Installed(elements={e for e in self.installed.elements if e.set in keep},
+                             counters={k: v for k, v in self.installed.counters.items() if k[0] in keep})
         self.reads += 1
         return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
                          dict(self.installed.counters))
