@@ -6,7 +6,7 @@
 Builds the bench's lab (natctl/bench/lab.py), has natctl's bench worker fill a
 store with N mappings and apply them in one transaction, then adds one client
 twice over: through the daemon's scoped path and through `natctl map add`'s
-full reconcile. Prints how long each took, how many nftables elements each
+path (scoped too, while the kernel carries the store's tag). Prints how long each took, how many nftables elements each
 sent, and whether they were all that new mapping's own.
 Everything it creates is removed afterwards, also on Ctrl-C.
 """
@@ -48,7 +48,7 @@ def main() -> int:
     inc = info["incremental"]
     print(f"{info['mappings']:,} mappings ({info['elements']:,} nftables elements) in one apply: "
           f"{info['apply_s']:.2f} s, of which the nftables transaction {info['kernel_apply_s']:.2f} s")
-    for path, what in (("daemon", "daemon (scoped admit_client)"), ("cli", "natctl map add (full reconcile)")):
+    for path, what in (("daemon", "daemon (scoped admit_client)"), ("cli", "natctl map add (the CLI's path)")):
         d = inc[path]
         print(f"one more mapping via {what}: {d['total_ms']:.2f} ms (kernel transaction {d['kernel_apply_ms']:.2f} ms, "
               f"reading the kernel {d['kernel_read_ms']:.0f} ms), {d['elements_sent']} elements sent, "

@@ -102,7 +102,7 @@ def readme_block(r: dict[str, Any], command: str) -> str:
                       f"(`admit_client`, scoped) {inc['daemon']['total_ms']:.2f} ms, sending "
                       f"{inc['daemon']['elements_sent']} elements, only that mapping's: "
                       f"{'yes' if inc['daemon']['only_that_mapping'] else 'NO'}; the CLI's path (`natctl map add`, "
-                      f"full reconcile) {inc['cli']['total_ms']:.0f} ms, of which "
+                      f"scoped while the kernel carries the store's tag) {inc['cli']['total_ms']:.0f} ms, of which "
                       f"{inc['cli']['kernel_read_ms']:.0f} ms reading the kernel's table, sending "
                       f"{inc['cli']['elements_sent']} elements."]
         if fp:

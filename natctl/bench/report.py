@@ -75,7 +75,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(_target(f"one incremental change at {INCREMENTAL_AT:,} installed < 5 ms in the daemon",
                        "not measured" if ms is None else f"{ms:.2f} ms, {get(inc, 'daemon', 'elements_sent')} elements",
                        None if ms is None else ms < 5 and bool(get(inc, "daemon", "only_that_mapping")),
-                       "" if inc is None else f"the CLI's full reconcile (natctl map add): "
+                       "" if inc is None else f"the CLI's path (natctl map add): "
                        f"{get(inc, 'cli', 'total_ms'):.0f} ms, of which reading the kernel's table "
                        f"{get(inc, 'cli', 'kernel_read_ms'):.0f} ms"))
     p99 = get(r, "daemon", "admission", "p99_ms")
