@@ -14,7 +14,7 @@ from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
 
-app = typer.Typer(
+app = typer.Typer(rich_markup_mode=None, 
     name="natctl",
     help="Relay game traffic through the kernel: many lobbies on one public IP.\n\n"
     "Start with 'natctl demo' to see it work in a throwaway network of namespaces.",
@@ -42,17 +42,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    state: Annotated[Optional[str], typer.Option(help="Store file (SQLite). (default: /var/lib/natctl/natctl.db)",
+    state: Annotated[Optional[str], typer.Option(metavar="PATH", help="Store file (SQLite). (default: /var/lib/natctl/natctl.db)",
                                                  show_default=False)] = None,
-    relay_ip: Annotated[Optional[str], typer.Option(help="Public IPv4 of the relay. (default: address of the "
+    relay_ip: Annotated[Optional[str], typer.Option(metavar="IP", help="Public IPv4 of the relay. (default: address of the "
                                                     "default route's interface)", show_default=False)] = None,
-    ports: Annotated[Optional[str], typer.Option(help="Relay port range LOW-HIGH. (default: 20000-29999)",
+    ports: Annotated[Optional[str], typer.Option(metavar="LOW-HIGH", help="Relay port range LOW-HIGH. (default: 20000-29999)",
                                                  show_default=False)] = None,
-    config: Annotated[Optional[str], typer.Option(help="Config file. (default: /etc/natctl/natctl.toml)",
+    config: Annotated[Optional[str], typer.Option(metavar="PATH", help="Config file. (default: /etc/natctl/natctl.toml)",
                                                   show_default=False)] = None,
-    accel: Annotated[Optional[str], typer.Option(help="XDP accelerator: xdp, none or auto (XDP when the "
+    accel: Annotated[Optional[str], typer.Option(metavar="MODE", help="XDP accelerator: xdp, none or auto (XDP when the "
                                                  "interface takes it). (default: auto)", show_default=False)] = None,
-    interface: Annotated[Optional[str], typer.Option(help="Interface for XDP. (default: the default route's "
+    interface: Annotated[Optional[str], typer.Option(metavar="NAME", help="Interface for XDP. (default: the default route's "
                                                      "interface)", show_default=False)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,

@@ -10,7 +10,7 @@ from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
 from natctl.model import FORWARD_PROTOS, format_duration, parse_duration, parse_endpoint, parse_port, parse_proto
 from natctl.output import emit_json, table, when
 
-app = typer.Typer(help="Static port forwards: public port -> address:port.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Static port forwards: public port -> address:port.", no_args_is_help=True)
 
 
 @app.command("add")

@@ -15,7 +15,7 @@ from natctl.output import emit_json, table, when
 if TYPE_CHECKING:
     from natctl.gm.service import GmService
 
-app = typer.Typer(help="Game masters behind one public IP: a VPN address and a public port each, "
+app = typer.Typer(rich_markup_mode=None, help="Game masters behind one public IP: a VPN address and a public port each, "
                   "and sessions that forward that port to the GM.", no_args_is_help=True)
 
 NameArg = Annotated[str, typer.Argument(help="The GM's name: letters, digits, '.', '_', '-'.")]

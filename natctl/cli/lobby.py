@@ -10,7 +10,7 @@ from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
 from natctl.model import format_duration, parse_cidr, parse_duration, parse_name
 from natctl.output import emit_json, table, when
 
-app = typer.Typer(help="Create, close and list lobbies.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Create, close and list lobbies.", no_args_is_help=True)
 
 
 @app.command("create")

@@ -10,7 +10,7 @@ from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
 from natctl.model import parse_endpoint, parse_proto
 from natctl.output import emit_json, table
 
-app = typer.Typer(help="Map clients to a lobby's host through relay ports.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Map clients to a lobby's host through relay ports.", no_args_is_help=True)
 
 LobbyOpt = Annotated[str, typer.Option("--lobby", help="Lobby name.")]
 ProtoOpt = Annotated[str, typer.Option("--proto", help="udp or tcp.")]
