@@ -117,7 +117,9 @@ def run_demo(lab: topology.Lab, tmp: str) -> int:
 def main(keep: bool = False) -> int:
     if os.geteuid() != 0:
         raise NatctlError("the demo builds network namespaces and needs root", "run it with sudo (or: make demo)")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both end in the teardown below (SIGINT may arrive ignored from a parent shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("Building the lab (network namespaces, 198.18.0.0/15 only) ...")
     lab = topology.build()
     tmp = tempfile.mkdtemp(prefix="natctl-demo-")

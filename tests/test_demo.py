@@ -1,0 +1,49 @@
+"""`natctl demo`, as a new user runs it: it passes, and it leaves nothing behind, also on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+
+def namespaces(prefix: str) -> list[str]:
+    return [n for n in os.listdir("/run/netns") if n.startswith(prefix)] if os.path.isdir("/run/netns") else []
+
+
+def test_demo_passes_and_cleans_up():
+    before = set(namespaces(""))
+    proc = subprocess.run([sys.executable, "-m", "natctl", "demo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every packet arrived intact" in proc.stdout and "WRONG" not in proc.stdout
+    assert proc.stdout.count("identical") >= 6  # five UDP datagrams and the TCP download
+    assert "Lab removed." in proc.stdout
+    assert set(namespaces("")) <= before
+
+
+def test_ctrl_c_removes_the_lab():
+    proc = subprocess.Popen([sys.executable, "-m", "natctl", "demo", "--keep"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        prefix, deadline = None, time.monotonic() + 60
+        while prefix is None and time.monotonic() < deadline:  # bounded: until the lab is up
+            line = proc.stdout.readline()
+            assert line, "the demo ended before keeping its lab"
+            if m := re.search(r"namespaces (nl[0-9a-f]+)-\*", line):
+                prefix = m.group(1)
+        assert prefix and namespaces(prefix)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+        assert "Lab removed." in rest
+        assert namespaces(prefix) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
