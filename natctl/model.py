@@ -18,7 +18,7 @@ PROTOS: tuple[Proto, ...] = ("udp", "tcp")
 FORWARD_PROTOS = ("udp", "tcp", "both")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     """An IPv4 address and port, as a packet carries them."""
 
@@ -29,7 +29,7 @@ class Endpoint:
         return f"{self.ip}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PortRange:
     low: int
     high: int
@@ -44,7 +44,7 @@ class PortRange:
         return f"{self.low}-{self.high}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lobby:
     id: int
     name: str
@@ -66,7 +66,7 @@ class Lobby:
         return any(addr in ipaddress.ip_network(net) for net in self.allow)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Host:
     """A lobby's host: its public address and its relay port P_h."""
 
@@ -75,7 +75,7 @@ class Host:
     relay_port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Client:
     """A lobby member: its public address, protocol and relay port P_c."""
 
@@ -88,7 +88,7 @@ class Client:
     last_seen: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Forward:
     """A static port forward: relay:port -> target, for a session or forever."""
 
@@ -108,7 +108,7 @@ class Forward:
         return self.ttl is not None and now >= self.created + self.ttl
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the planner needs, read from the store in one transaction."""
 

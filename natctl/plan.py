@@ -39,7 +39,7 @@ class Element:
     comment: str = field(default="", compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     """A conntrack original tuple whose entries die with a removed element."""
 
@@ -50,7 +50,7 @@ class Flow:
     daddr: str | None = None  # the relay IP when known: then one exact delete, no table dump
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Changes:
     add: tuple[Element, ...] = ()
     delete: tuple[Element, ...] = ()
@@ -79,7 +79,7 @@ class Changes:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mapping:
     """One client <-> host pairing, the unit users add and remove."""
 
