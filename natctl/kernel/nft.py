@@ -18,7 +18,7 @@ from natctl.plan import DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Elem
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v5"
+SCHEMA = "schema_v6"
 # Packets natctl's daemon sends itself (a client's first packets, delivered to
 # the host from relay:client_port) carry this mark and skip conntrack, so they
 # never take the tuple the client's own flow will need.
@@ -41,6 +41,9 @@ TYPES: dict[str, tuple[str, str | None]] = {
 }
 
 L4 = "meta nfproto ipv4 meta l4proto { tcp, udp }"
+# Only these sets carry per-element counters (per-CPU memory each, and about a
+# sixth of an install's time): the ones whose lookups count packets.
+COUNTED = frozenset({SNAT, FWDACCT})
 
 
 def skeleton() -> str:
@@ -49,7 +52,8 @@ def skeleton() -> str:
     for name, (ktype, vtype) in TYPES.items():
         kind = "map" if vtype else "set"
         typ = f"{ktype} : {vtype}" if vtype else ktype
-        sets.append(f"  {kind} {name} {{\n    type {typ}\n    counter\n  }}")
+        counter = "\n    counter" if name in COUNTED else ""
+        sets.append(f"  {kind} {name} {{\n    type {typ}{counter}\n  }}")
     # nft 1.0.6 wants a newline before the closing brace of a chain ending in a map rule.
     return "\n".join(
         [
