@@ -153,8 +153,13 @@ def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool =
     the same transaction, so no packet sees the key missing.
     """
     want, have = set(desired), set(actual) if table_ok else set()
+    order = _order  # sorted for stable scripts and golden tests; a plain tuple key sorts fast
     return Changes(
-        add=tuple(sorted(want - have)),
-        delete=tuple(sorted(have - want)),
+        add=tuple(sorted(want - have, key=order)),
+        delete=tuple(sorted(have - want, key=order)),
         create_table=not table_ok,
     )
+
+
+def _order(e: Element) -> tuple:
+    return (e.set, e.key, e.value or ())
