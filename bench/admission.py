@@ -122,6 +122,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--flood", type=int, default=100_000)
+    ap.add_argument("--cleanup-interval", default="30s", help="the daemon's (its cleanup competes for the store)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     lab = topology.build({"home-host": ["host"], "home-clients": ["client1"], "elsewhere": ["stranger"]})
@@ -131,7 +132,7 @@ def main() -> int:
     try:
         token = json.loads(natctl(lab, state, "lobby", "create", "bench", "--allow", "198.18.2.0/24",
                                   "--max-clients", str(args.clients + 10), "--json"))["token"]
-        daemon = spawn([sys.executable, "-m", "natctl", "--state", state, "serve", "--cleanup-interval", "1h"],
+        daemon = spawn([sys.executable, "-m", "natctl", "--state", state, "serve", "--cleanup-interval", args.cleanup_interval],
                        ns=lab.relay_ns, stderr=open(os.path.join(tmp, "serve.log"), "wb"))
         time.sleep(1.5)
         host = udp_socket(lab.ns("host"), port=27015)
