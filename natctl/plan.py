@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from natctl.model import Client, Endpoint, Host, Snapshot
+from natctl.model import Endpoint, Host, Snapshot
 
 # Map and set names in table inet natctl. Keys are concatenations, values too.
 DNAT = "dnat4"  # saddr . proto . sport . dport        : new daddr . new dport

@@ -81,7 +81,7 @@ class Service(RelayOps):
         the kernel holds.
         """
         if apply:
-            self.kernel  # fail fast (not root, no binding) before touching the store
+            _ = self.kernel  # fail fast (not root, no binding) before touching the store
         store = self.store
         changes = planner.Changes()
         with store.write():
