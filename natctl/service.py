@@ -19,13 +19,14 @@ from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, KernelError, NotFound, UsageError
 from natctl.kernel.backend import Kernel
-from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
+from natctl.forwards import ForwardOps
+from natctl.model import Client, Endpoint, Host, Lobby
 from natctl.relayops import RelayOps, hash_token
 from natctl.store import Store
-from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
+from natctl.views import LobbyView, MappingView, SyncResult
 
 
-class Service(RelayOps):
+class Service(RelayOps, ForwardOps):
     def __init__(self, settings: Settings, kernel_factory: Callable[[], Kernel] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -129,13 +130,6 @@ class Service(RelayOps):
         def scope(store: Store) -> frozenset[planner.Element]:
             lobby = store.lobby(name)
             return self._plan_lobby(store, lobby.id) if lobby else frozenset()
-        return scope
-
-    def _forward_scope(self, port: int) -> Callable[[Store], frozenset[planner.Element]]:
-        def scope(store: Store) -> frozenset[planner.Element]:
-            fwd = store.forward(port)
-            snap = Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ())
-            return planner.plan(snap, None, self.kernel.owns)
         return scope
 
     def _plan_lobby(self, store: Store, lobby_id: int,
@@ -299,41 +293,4 @@ class Service(RelayOps):
             out.append(MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,
                                    m.client_port, ok, *to_host, *to_client, seen.get(m.client_port, 0.0),
                                    *xdp_up, *xdp_down))
-        return out
-
-    # --- static forwards
-
-    def forward_add(self, port: int, target: Endpoint, proto: str = "tcp", ttl: int | None = None,
-                    owner: str = "", apply: bool = True) -> Forward:
-        if port in self.settings.ports or port == self.settings.registration_port:
-            raise Conflict(f"port {port} is reserved for natctl's relay ports ({self.settings.ports}) "
-                           f"or registration ({self.settings.registration_port})", "pick a port outside them")
-        fwd = Forward(port, target, proto, ttl, self.clock(), True, owner)
-        with self._change(apply, self._forward_scope(port)) as store:
-            if store.forward(port) is not None:
-                raise Conflict(f"public port {port} is already forwarded", f"remove it first: natctl forward remove {port}")
-            store.add_forward(fwd)
-        return fwd
-
-    def forward_remove(self, port: int, apply: bool = True) -> Forward:
-        with self._change(apply, self._forward_scope(port)) as store:
-            fwd = store.forward(port)
-            if fwd is None:
-                raise NotFound(f"no forward on port {port}", "see 'natctl forward list'")
-            store.remove_forward(port)
-        return fwd
-
-    def forwards(self, counters: bool = False) -> list[ForwardView]:
-        installed = self.kernel.read() if counters else None
-        out = []
-        for f in self.store.forwards():
-            packets = bytes_ = 0
-            ok = False
-            if installed is not None:
-                for proto in f.protos:
-                    p, b = installed.counters.get((planner.FWDACCT, (f.target.ip, proto, f.target.port)), (0, 0))
-                    packets, bytes_ = packets + p, bytes_ + b
-                ok = any(e.set == planner.FWD and e.key[1] == f.port for e in installed.elements)
-            out.append(ForwardView(f.port, f.proto, str(f.target), f.ttl, f.created,
-                                   f.created + f.ttl if f.ttl else None, f.owner, ok, packets, bytes_))
         return out
