@@ -60,6 +60,7 @@ def load(overrides: dict[str, Any] | None = None, path: str | None = None,
                 doc = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise NatctlError(f"cannot read config {path}: {err}", "fix the file or remove it") from None
+        doc.pop("gm", None)  # the [gm] table: natctl.gm.model reads it
         unknown = set(doc) - {f.name for f in fields(Settings)}
         if unknown:
             raise UsageError(f"unknown setting {sorted(unknown)[0]!r} in {path}",

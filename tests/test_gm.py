@@ -20,7 +20,7 @@ from natctl.kernel.backend import FakeKernel
 from natctl.model import Endpoint, PortRange
 from natctl.service import Service
 
-NO_FILE = "/nonexistent/gm.toml"
+NO_FILE = "/nonexistent/natctl.toml"
 NAMES = ("alice", "bob", "carol", "erin", "frank", "grace")  # dave has no certificate
 
 
@@ -28,8 +28,9 @@ NAMES = ("alice", "bob", "carol", "erin", "frank", "grace")  # dave has no certi
 
 
 def test_settings_sources_in_order(tmp_path):
-    path = tmp_path / "gm.toml"
-    path.write_text('subnet = "198.18.250.0/24"\nports = "1802-1810"\ninterface = "fromfile"\n')
+    path = tmp_path / "natctl.toml"  # one config file: natctl's settings, and the GMs' in [gm]
+    path.write_text('ports = "20000-29999"\n[gm]\nsubnet = "198.18.250.0/24"\nports = "1802-1810"\n'
+                    'interface = "fromfile"\n')
     s = load_settings({"interface": "fromopt"}, {"NATCTL_GM_PORTS": "1900-1909"}, str(path))
     assert (s.subnet, s.ports, s.interface) == ("198.18.250.0/24", PortRange(1900, 1909), "fromopt")
     assert (s.port, s.relay_address) == (51820, "198.18.250.1")
@@ -248,3 +249,12 @@ def test_settings_that_do_not_fit_the_stored_gms_are_refused(ovpn):
     other = GmService(ovpn.svc, GmSettings(vpn="openvpn", subnet="198.18.251.0/24", openvpn_ccd=str(ovpn.ccd)))
     with pytest.raises(Conflict, match="use the VPN settings the GMs were added with"):
         other.add("bob")
+
+
+def test_main_settings_ignore_the_gm_table(tmp_path):
+    from natctl.config import load
+
+    path = tmp_path / "natctl.toml"
+    path.write_text('relay_ip = "198.18.0.1"\n[gm]\nsubnet = "198.18.250.0/24"\n')
+    assert load(path=str(path), environ={}).relay_ip == "198.18.0.1"
+    assert load_settings({}, {}, str(path)).subnet == "198.18.250.0/24"

@@ -50,7 +50,7 @@ class GmCli(Cli):
 def relay(machines, tmp_path):
     iface = f"{machines.lab.prefix}x"
     cli = GmCli(machines.lab.relay_ns, str(tmp_path / "natctl.db"), {
-        "NATCTL_GM_CONFIG": "/nonexistent", "NATCTL_GM_INTERFACE": iface, "NATCTL_GM_LISTEN_PORT": "51821",
+        "NATCTL_GM_INTERFACE": iface, "NATCTL_GM_LISTEN_PORT": "51821",
         "NATCTL_GM_SUBNET": "198.18.251.0/29", "NATCTL_GM_PORTS": "1900-1909"})
     cli.iface = iface
     try:

@@ -56,7 +56,7 @@ def test_openvpn_ccd_profile_and_session(lab, tmp_path):
         f"ca {pki / 'ca.crt'}", f"cert {pki / 'issued' / 'server.crt'}", f"key {pki / 'private' / 'server.key'}",
         "dh none", f"client-config-dir {ccd}", "ccd-exclusive", f"status {status} 1", "status-version 2",
         "keepalive 2 10", "disable-dco", "verb 3", ""]))
-    env = {**os.environ, "NATCTL_CONFIG": "/nonexistent", "NATCTL_GM_CONFIG": "/nonexistent",
+    env = {**os.environ, "NATCTL_CONFIG": "/nonexistent",
            "NATCTL_GM_VPN": "openvpn", "NATCTL_GM_SUBNET": SUBNET, "NATCTL_GM_OPENVPN_CCD": str(ccd),
            "NATCTL_GM_OPENVPN_PKI": str(pki), "NATCTL_GM_OPENVPN_STATUS": str(status)}
 

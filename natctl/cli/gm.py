@@ -38,7 +38,7 @@ def options(
     openvpn_pki: Annotated[Optional[str], Opt("easy-rsa PKI with ca.crt, issued/NAME.crt, private/NAME.key.")] = None,
     openvpn_status: Annotated[Optional[str], Opt("OpenVPN status file (version 2 or 3).")] = None,
 ) -> None:
-    """Settings: /etc/natctl/gm.toml, then NATCTL_GM_* variables, then these options."""
+    """Settings: the [gm] table of /etc/natctl/natctl.toml, then NATCTL_GM_* variables, then these options."""
     ctx.obj = ctx.obj or {}
     ctx.obj["gm_overrides"] = {k: v for k, v in dict(
         vpn=vpn, interface=interface, subnet=subnet, listen_port=listen_port, ports=ports, endpoint=endpoint,
@@ -50,7 +50,8 @@ def gms(ctx: typer.Context) -> GmService:
     from natctl.gm.model import load_settings
     from natctl.gm.service import GmService
 
-    return GmService(service(ctx), load_settings(ctx.find_root().obj.get("gm_overrides")))
+    return GmService(service(ctx), load_settings(ctx.find_root().obj.get("gm_overrides"),
+                                                          path=ctx.find_root().obj.get("config")))
 
 
 def _deliver(out: str | None) -> Callable[[str], None]:

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from natctl.config import CONFIG_PATH
 from natctl.errors import Conflict, Exhausted, NatctlError, UsageError
 from natctl.model import PortRange, parse_cidr, parse_port, parse_port_range
 
 VPNS = ("wireguard", "openvpn")
-GM_CONFIG = "/etc/natctl/gm.toml"
 OWNER = "gm:"  # forwards owned by "gm:NAME" are that GM's session
 
 
@@ -85,15 +85,15 @@ PARSERS: dict[str, Any] = {
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
                   path: str | None = None) -> GmSettings:
-    """Defaults < /etc/natctl/gm.toml (NATCTL_GM_CONFIG) < NATCTL_GM_* variables < options."""
+    """Defaults < the [gm] table of natctl's config file < NATCTL_GM_* variables < options."""
     env = os.environ if environ is None else environ
-    path = path or env.get("NATCTL_GM_CONFIG", GM_CONFIG)
+    path = path or env.get("NATCTL_CONFIG", CONFIG_PATH)
     known = {f.name for f in fields(GmSettings)}
     values: dict[str, Any] = {}
     if os.path.exists(path):
         try:
             with open(path, "rb") as fh:
-                values.update(tomllib.load(fh))
+                values.update(tomllib.load(fh).get("gm", {}))
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise NatctlError(f"cannot read GM config {path}: {err}", "fix the file or remove it") from None
     values.update({k: env[f"NATCTL_GM_{k.upper()}"] for k in known if f"NATCTL_GM_{k.upper()}" in env})

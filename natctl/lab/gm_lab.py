@@ -61,7 +61,7 @@ class NetnsMachines:
         self.vpn_subnet = VPN_SUBNET
         self.relay_interface = f"{lab.prefix}wg"
         self.state = os.path.join(tmp, "relay", "natctl.db")
-        self.env = {"NATCTL_CONFIG": "/nonexistent", "NATCTL_GM_CONFIG": "/nonexistent",
+        self.env = {"NATCTL_CONFIG": "/nonexistent",
                     "NATCTL_GM_INTERFACE": self.relay_interface, "NATCTL_GM_SUBNET": VPN_SUBNET}
         self.procs: list[NetnsProc] = []
         self._seq = 0
