@@ -87,6 +87,18 @@ def lobby(relay, name: str, *args: str) -> str:
     return relay.json("lobby", "create", name, *args)["token"]
 
 
+def hosted(lab, relay, daemon, game, *create_args: str) -> tuple[str, int, str]:
+    """Create lobby g, start the daemon, register the host from its game socket.
+
+    Returns (relay_ip, host_port, token) once the daemon listens on the host port.
+    """
+    token = lobby(relay, "g", *create_args)
+    daemon.start()
+    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    time.sleep(0.3)  # the daemon opens its listener on the new host port
+    return relay_ip, host_port, token
+
+
 def collect(sock, count: int, seconds: float = 3.0) -> list[tuple[bytes, tuple[str, int]]]:
     """Receive up to ``count`` datagrams within ``seconds``."""
     got, deadline = [], time.monotonic() + seconds
@@ -100,13 +112,10 @@ def collect(sock, count: int, seconds: float = 3.0) -> list[tuple[bytes, tuple[s
 
 
 def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon, game):
-    token = lobby(relay, "g", "--allow", "198.18.2.0/24")
-    daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
     assert relay_ip == lab.relay_ip
     # Registration is idempotent: the same answer again, nothing changes.
     assert register(game["host"], (lab.relay_ip, REG), token) == (relay_ip, host_port)
-    time.sleep(0.3)  # the daemon opens its listener on the new host port
     sent = {}
     for name in ("client1", "client2"):
         sent[name] = [f"{name}-{i}-".encode() + os.urandom(40) for i in range(5)]
@@ -141,10 +150,7 @@ def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon
 
 
 def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, game):
-    token = lobby(relay, "g", "--allow", "198.18.2.0/24")
-    daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
-    time.sleep(0.3)
+    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
     # A sender from a network the lobby does not allow is never forwarded, and after the
     # daemon refused it once the kernel drops the rest: a flood never reaches the daemon.
     for i in range(2000):  # bounded: 2000 datagrams
@@ -189,10 +195,7 @@ def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, g
 
 
 def test_idle_mappings_expire_and_busy_ones_stay(lab, relay, daemon, game):
-    token = lobby(relay, "g", "--open")
-    daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
-    time.sleep(0.3)
+    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
     for name in ("client1", "client2"):
         game[name].sendto(b"hello", (relay_ip, host_port))
     assert len(collect(game["host"], 2)) == 2
@@ -223,10 +226,7 @@ def test_cleanup_from_the_command_line_expires_idle_mappings(lab, relay, game):
 
 
 def test_kill_9_keeps_traffic_flowing_and_restart_loses_nothing(lab, relay, daemon, game):
-    token = lobby(relay, "g", "--open")
-    daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
-    time.sleep(0.3)
+    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
     game["client1"].sendto(b"first", (relay_ip, host_port))
     assert len(collect(game["host"], 1)) == 1
 
@@ -252,10 +252,7 @@ def test_kill_9_keeps_traffic_flowing_and_restart_loses_nothing(lab, relay, daem
 
 
 def test_a_second_daemon_refuses_to_start_and_sigterm_keeps_mappings(lab, relay, daemon, game):
-    token = lobby(relay, "g", "--open")
-    daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
-    time.sleep(0.3)
+    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
     game["client1"].sendto(b"in", (relay_ip, host_port))
     assert len(collect(game["host"], 1)) == 1
     second = subprocess.run(["ip", "netns", "exec", lab.relay_ns, sys.executable, "-m", "natctl", "--state",
