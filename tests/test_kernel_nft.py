@@ -178,3 +178,15 @@ def test_a_refused_transaction_changes_nothing(lab, relay, socks):
         with pytest.raises(Exception, match="nothing was applied"):
             nft.apply(Changes(add=(good, bad)))
     assert listing(lab) == before
+
+
+def test_unknown_senders_to_a_host_port_are_rate_limited_in_the_kernel(lab, relay, socks):
+    relay("lobby", "create", "a")
+    m = add(relay, lab, socks, "a", "host", "client1")
+    for i in range(1000):  # bounded: 1000 datagrams, well over the 100-packet burst
+        socks["stranger"].sendto(b"flood %d" % i, (lab.relay_ip, m["host_port"]))
+    time.sleep(0.2)
+    out = run(["nft", "list", "counter", "inet", "natctl", "unknown_limited"], ns=lab.relay_ns).stdout
+    limited = int(out.split("packets ")[1].split()[0])
+    assert 800 <= limited <= 1000  # only about the burst got past the kernel
+    assert drain(socks["host"]) == []  # and nothing unknown was ever forwarded
