@@ -1,47 +1,35 @@
-#!/usr/bin/env python3
 """Install cost (issue 2): 10,000 mappings in one apply, then one more mapping on top of them.
 
-    sudo .venv/bin/python bench/install_cost.py [--mappings 10000] [--json]
+    sudo .venv/bin/python -m bench.install_cost [--mappings 10000] [--json]
 
-Builds the bench's lab (natctl/bench/lab.py), has natctl's bench worker fill a
-store with N mappings and apply them in one transaction, then adds one client
-twice over: through the daemon's scoped path and through `natctl map add`'s
-path (scoped too, while the kernel carries the store's tag). Prints how long each took, how many nftables elements each
-sent, and whether they were all that new mapping's own.
-Everything it creates is removed afterwards, also on Ctrl-C.
+Builds the bench's lab (bench/lab.py), has natctl's bench worker fill a store
+with N mappings and apply them in one transaction, then adds one client twice
+over: through the daemon's scoped path and through `natctl map add`'s path
+(scoped too, while the kernel carries the store's tag). Prints how long each
+took, how many nftables elements each sent, and whether they were all that new
+mapping's own. Everything it creates is removed afterwards, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
-import sys
 import tempfile
 
-from natctl.bench import lab as benchlab
-from natctl.bench.methods import NatctlNft, Context
+from bench import lab as benchlab
+from bench.methods import Context, NatctlNft
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.install_cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mappings", type=int, default=10_000)
     ap.add_argument("--json", action="store_true", help="print every figure as JSON")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("install_cost: run as root (it builds network namespaces)", file=sys.stderr)
-        return 1
-    tmp = tempfile.mkdtemp(prefix="natctl-install-cost-")
-    lab = benchlab.build(*benchlab.cpus())
-    try:
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="natctl-install-cost-") as tmp, benchlab.session() as lab:
         running = NatctlNft().start(lab, Context(tmp), mappings=args.mappings, incremental=True)
         info = running.info
         running.stop()
-    finally:
-        lab.teardown()
-        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -56,10 +44,5 @@ def main() -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
-    sys.exit(main())
+    benchlab.standalone(main, "bench.install_cost")

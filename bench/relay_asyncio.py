@@ -6,7 +6,7 @@ to the host, so the host sees every client as relay:P_c and its replies there
 go back to that client from relay:P_h. Every datagram crosses Python twice
 (one receive, one send), which is what such relays do.
 
-    python -m natctl.bench.relay_asyncio --relay-ip IP --lobby P_h=HOST_IP:PORT [...] [--seconds 600]
+    python -m bench.relay_asyncio --relay-ip IP --lobby P_h=HOST_IP:PORT [...] [--seconds 600]
 
 Prints ``ready`` once listening; stops on SIGTERM/SIGINT or after --seconds.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 
@@ -24,7 +25,7 @@ Addr = tuple[str, int]
 class ClientLeg(asyncio.DatagramProtocol):
     """relay:P_c, connected to the host: what the host sends here goes back to one client."""
 
-    def __init__(self, lobby: "Lobby", client: Addr) -> None:
+    def __init__(self, lobby: Lobby, client: Addr) -> None:
         self.lobby, self.client = lobby, client
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -42,7 +43,7 @@ class ClientLeg(asyncio.DatagramProtocol):
 class Lobby(asyncio.DatagramProtocol):
     """relay:P_h: clients send here; the first datagram of a new client opens its leg."""
 
-    def __init__(self, relay_ip: str, host: Addr, ports: "PortPool") -> None:
+    def __init__(self, relay_ip: str, host: Addr, ports: PortPool) -> None:
         self.relay_ip, self.host, self.ports = relay_ip, host, ports
         self.transport: asyncio.DatagramTransport | None = None
         self.legs: dict[Addr, ClientLeg] = {}
@@ -102,12 +103,11 @@ async def main(relay_ip: str, lobbies: list[tuple[int, Addr]], seconds: float, c
         loop.add_signal_handler(sig, stop.set)
     pool = PortPool(client_ports)
     for port, host in lobbies:
-        await loop.create_datagram_endpoint(lambda host=host: Lobby(relay_ip, host, pool),
-                                            local_addr=(relay_ip, port))
+        await loop.create_datagram_endpoint(functools.partial(Lobby, relay_ip, host, pool), local_addr=(relay_ip, port))
     print("ready", flush=True)
     try:
         await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from natctl.bench import daemon as serve
-from natctl.bench import forwarding
-from natctl.bench.lab import BenchLab
-from natctl.bench.methods import METHODS, Context
-from natctl.lab.netns import run as sh
+from bench import daemon as serve
+from bench import forwarding
+from bench.config import INCREMENTAL_AT, Config
+from bench.lab import BenchLab
+from bench.methods import METHODS, Context
 
-if TYPE_CHECKING:
-    from natctl.bench.runner import Config
-
-INCREMENTAL_AT = 10_000
 INSTALL_KEYS = ("mappings", "elements", "populate_s", "apply_s", "kernel_apply_s", "kernel_read_s", "kmem_bytes",
                 "rss_kib", "hwm_kib", "backend")
 
 
-def run(lab: BenchLab, ctx: Context, cfg: "Config", say: Callable[[str], None]) -> dict[str, Any]:
+def run(lab: BenchLab, ctx: Context, cfg: Config, say: Callable[[str], None]) -> dict[str, Any]:
+    """Install 10 ... 100,000 mappings, one apply each; forwarding at some counts; memory at the most."""
     method = METHODS["nftables"]
     reason = method.unavailable()
     if reason:
@@ -71,7 +68,7 @@ def footprint(lab: BenchLab, ctx: Context, info: dict[str, Any], say: Callable[[
     return out
 
 
-def daemon(lab: BenchLab, ctx: Context, cfg: "Config", say: Callable[[str], None]) -> dict[str, Any]:
+def daemon(lab: BenchLab, ctx: Context, cfg: Config, say: Callable[[str], None]) -> dict[str, Any]:
     """Registration to kernel forwarding for new clients, through ``natctl serve``."""
     reason = serve.unavailable()
     if reason:
@@ -80,10 +77,6 @@ def daemon(lab: BenchLab, ctx: Context, cfg: "Config", say: Callable[[str], None
     say(f"daemon: a host registers, then {cfg.daemon_clients} new clients; time to kernel forwarding")
     try:
         return {"available": True, "admission": serve.admission(lab, ctx, cfg.daemon_clients)}
-    except Exception as err:
+    except Exception as err:  # the daemon's figures must not cost the rest
         say(f"daemon: failed: {err}")
         return {"available": True, "error": str(err)}
-    finally:
-        # The daemon leaves its mappings in the kernel when it stops (by design): the bench does not.
-        sh(["nft", "delete", "table", "inet", "natctl"], ns=lab.relay_ns, check=False)
-        sh(["conntrack", "-F"], ns=lab.relay_ns, check=False)

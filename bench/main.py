@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from natctl.bench import report
-from natctl.bench.runner import Config, run
-from natctl.errors import KernelError, NatctlError
+from bench import report
+from bench.config import Config
+from bench.runner import run
+from natctl.errors import NatctlError
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -49,9 +48,10 @@ def summary(r: dict[str, Any]) -> str:
     for other in ("socat", "asyncio"):
         o = g(r, "methods", other, "flood", "64", "pps", "median")
         if o:
+            carried = report.ratio(g(r, "methods", "nftables", "sustained", "pps"),
+                                   g(r, "methods", other, "sustained", "pps"))
             out.append(f"{report.ratio(g(nft, 'pps', 'median'), o):.1f}x {other} "
-                       f"({report.ratio(g(r, 'methods', 'nftables', 'sustained', 'pps'), g(r, 'methods', other, 'sustained', 'pps')) or 0:.1f}x "
-                       "at the highest rate each carries with under 1% loss)")
+                       f"({carried or 0:.1f}x at the highest rate each carries with under 1% loss)")
     text = out[0] + (": " + " and ".join(out[1:]) if out[1:] else "") + "."
     xdp = g(r, "methods", "xdp", "flood", "64")
     if xdp:
@@ -143,21 +143,11 @@ def update_readme(path: str, block: str) -> None:
         fh.write(f"{head}{START}\n{block}\n{END}{tail}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the same cleanup path as Ctrl-C
-
-
 def execute(cfg: Config, command: str, readme: str | None = None, as_json: bool = False,
             say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the bench, judge it against the targets, print and write everything."""
-    if os.geteuid() != 0:
-        raise KernelError("the bench builds network namespaces and must run as root", "run it with sudo")
+    """Run the bench (as root: see ``lab.session``), judge it against the targets, print and write everything."""
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        results = run(cfg, say)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    results = run(cfg, say)
     results["command"] = command
     results["targets"] = report.targets(results)
     results["files"] = report.write(results, cfg.out)

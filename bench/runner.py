@@ -2,7 +2,7 @@
 
 Everything a run creates (namespaces, relays, load processes, a memory
 cgroup, state files) is removed in ``finally`` blocks, also on failure and on
-Ctrl-C (the CLI turns SIGTERM into the same path). Results are a plain dict,
+Ctrl-C (``lab.session`` turns SIGTERM into the same path). Results are a plain dict,
 written as JSON by ``report``.
 """
 
@@ -10,76 +10,46 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from natctl.bench import cpu, forwarding, lab as benchlab, scale
-from natctl.bench.methods import METHODS, Context, Method
-from natctl.errors import UsageError
-
-SIZES = (64, 512)
-
-
-@dataclass(frozen=True)
-class Config:
-    quick: bool = False
-    methods: tuple[str, ...] = tuple(METHODS)
-    sizes: tuple[int, ...] = SIZES
-    runs: int = 5
-    seconds: float = 2.0  # per flood
-    packets: int = 3_000_000  # per flood, whichever bound comes first
-    search_steps: int = 7
-    probes: int = 2000
-    probe_rate: float = 1000.0
-    scale: bool = True
-    install_counts: tuple[int, ...] = (1000, 10_000, 100_000)
-    forwarding_counts: tuple[int, ...] = (10, 10_000, 100_000)
-    scale_runs: int = 3
-    daemon_clients: int = 50
-    out: str = "bench/results"
+from bench import cpu, forwarding, scale
+from bench import lab as benchlab
+from bench.config import Config
+from bench.methods import METHODS, Context, Method
 
 
-def make_config(quick: bool = False, methods: str | None = None, runs: int | None = None,
-                seconds: float | None = None, packets: int | None = None, scale: bool = True,
-                out: str = "bench/results") -> Config:
-    """Validated settings for a run; --quick is a short run of everything (about a minute)."""
-    base = Config(quick=True, runs=1, seconds=1.0, packets=1_000_000, search_steps=4, probes=300,
-                  install_counts=(1000, 10_000), forwarding_counts=(10, 10_000), scale_runs=1,
-                  daemon_clients=10) if quick else Config()
-    chosen = base.methods
-    if methods:
-        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
-        unknown = [m for m in chosen if m not in METHODS]
-        if unknown or not chosen:
-            raise UsageError(f"unknown method {', '.join(unknown) or repr(methods)}",
-                             f"choose from {', '.join(METHODS)} (comma-separated)")
-    if runs is not None and not 1 <= runs <= 50:
-        raise UsageError(f"invalid --runs {runs}", "use 1 to 50")
-    if seconds is not None and not 0.2 <= seconds <= 30:
-        raise UsageError(f"invalid --seconds {seconds}", "use 0.2 to 30 seconds per flood")
-    if packets is not None and not 1000 <= packets <= 100_000_000:
-        raise UsageError(f"invalid --packets {packets}", "use 1000 to 100000000 packets per flood")
-    return Config(**{**asdict(base), "methods": chosen, "runs": runs or base.runs,
-                     "seconds": seconds or base.seconds, "packets": packets or base.packets,
-                     "scale": scale, "out": out})
+@contextmanager
+def _cgroup(tag: str) -> Iterator[str | None]:
+    """A memory cgroup for natctl's worker (the kernel charges the maps it installs to it); None if none."""
+    path = _make_cgroup(f"natctl-bench-{tag}")
+    try:
+        yield path
+    finally:
+        for _ in range(20 if path else 0):  # its last process may still be exiting
+            try:
+                os.rmdir(str(path))
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
-def _cgroup(tag: str) -> str | None:
-    """A memory cgroup for natctl's worker: the kernel charges the maps it installs to it."""
+def _make_cgroup(name: str) -> str | None:
     for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
         if Path(root, "memory.kmem.usage_in_bytes").exists() or (
                 root == "/sys/fs/cgroup" and "memory" in _read(Path(root, "cgroup.subtree_control"))):
-            path = Path(root, f"natctl-bench-{tag}")
             try:
-                path.mkdir()
+                Path(root, name).mkdir()
             except OSError:
                 return None
-            return str(path)
+            return str(Path(root, name))
     return None
 
 
@@ -88,18 +58,6 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def _remove_cgroup(path: str | None) -> None:
-    if path:
-        for _ in range(20):  # its last process may still be exiting
-            try:
-                os.rmdir(path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
 
 
 def session(lab: benchlab.BenchLab, ctx: Context, method: Method, cfg: Config, say: Callable[[str], None],
@@ -147,18 +105,16 @@ def session(lab: benchlab.BenchLab, ctx: Context, method: Method, cfg: Config, s
 
 def run(cfg: Config, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole bench. Returns every figure; removes everything it made."""
+    benchlab.need_root()  # before anything is measured or said
     started = time.monotonic()
-    relay_cpu, load_cpu = benchlab.cpus()
     tag = secrets.token_hex(2)
-    tmp = tempfile.mkdtemp(prefix="natctl-bench-")
-    cgroup = _cgroup(tag)
-    ctx = Context(tmp, cgroup)
     results: dict[str, Any] = {"config": asdict(cfg), "machine": cpu.machine(), "methods": {}}
-    lab = None
-    try:
-        say("building the lab")
-        lab = benchlab.build(relay_cpu, load_cpu, tag)
-        results["lab"] = {"layout": lab.layout, "relay_cpu": relay_cpu, "load_cpu": load_cpu,
+    say("building the lab")
+    # Left in reverse order: the lab (and every process in it) first, then the cgroup, then the files.
+    with tempfile.TemporaryDirectory(prefix="natctl-bench-") as tmp, _cgroup(tag) as cgroup, \
+            benchlab.session(tag) as lab:
+        ctx = Context(tmp, cgroup)
+        results["lab"] = {"layout": lab.layout, "relay_cpu": lab.relay_cpu, "load_cpu": lab.load_cpu,
                           "topology": "relay (one interface) + world (client and host addresses); "
                                       "no home routers: their NAT would cost the sender's CPU, not the relay's",
                           "sink": "Flood packets are counted and dropped by an nftables netdev ingress rule in the "
@@ -182,10 +138,5 @@ def run(cfg: Config, say: Callable[[str], None] = print) -> dict[str, Any]:
             results["scale"] = scale.run(lab, ctx, cfg, say)
         results["daemon"] = scale.daemon(lab, ctx, cfg, say)
         results["lab"]["waited_for_quiet_s"] = benchlab.BenchLab.patience - lab.patience
-    finally:
-        if lab is not None:
-            lab.teardown()
-        _remove_cgroup(cgroup)
-        shutil.rmtree(tmp, ignore_errors=True)
     results["seconds"] = time.monotonic() - started
     return results

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from natctl.bench import cpu, forwarding, lab as benchlab, main, report, tool
-from natctl.bench.methods import METHODS, Context
-from natctl.bench.runner import make_config
+from bench import cpu, daemon, forwarding, main, report, stats, tool
+from bench import lab as benchlab
+from bench.config import METHOD_NAMES, make_config
+from bench.methods import METHODS, Context
 from natctl.errors import UsageError
 from natctl.lab.netns import exists, run
 
@@ -25,7 +26,7 @@ ROOT_ONLY = pytest.mark.kernel
 
 def test_config_defaults_and_quick():
     full, quick = make_config(), make_config(quick=True)
-    assert full.methods == ("asyncio", "socat", "nftables", "xdp")
+    assert full.methods == ("asyncio", "socat", "nftables", "xdp") == METHOD_NAMES == tuple(METHODS)
     assert full.runs == 5 and 100_000 in full.install_counts and 100_000 in full.forwarding_counts
     assert quick.runs == 1 and max(quick.install_counts) == 10_000 and quick.seconds < full.seconds
     assert make_config(methods=" nftables,socat ", runs=2, seconds=0.5).methods == ("nftables", "socat")
@@ -65,14 +66,34 @@ def test_sink_counter_snmp_and_proc_stat():
     with pytest.raises(tool.BenchError):
         benchlab.parse_sink({"nftables": []})
     snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdp: 10 0 0 5 77\n"
-    assert benchlab.udp_rcvbuf_errors(snmp) == 77
+    assert benchlab.udp_stat(snmp, "RcvbufErrors") == 77 and benchlab.udp_stat(snmp, "InDatagrams") == 10
     stat = "cpu  1 2 3 4 5 6 7 8 0 0\ncpu0 1 0 1 50 0 0 0 0 0 0\ncpu1 10 1 20 100 3 4 5 9 0 0\n"
     assert cpu.parse_proc_stat(stat, 1) == (40, 143)  # steal (9) is neither busy nor ours
 
 
-def test_summarize():
-    assert forwarding.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
-    assert forwarding.summarize([])["median"] is None
+def test_summarize_and_percentile():
+    assert stats.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+    assert stats.summarize([])["median"] is None
+    fifty = [float(v) for v in range(1, 51)]
+    assert stats.percentile(fifty, 99) == 50.0  # udpblast.c's rule: with 50 samples, the slowest
+    assert stats.percentile(fifty, 50) == 26.0 and stats.percentile([4.0, 1.0], 50) == 4.0
+    assert stats.percentile([], 99) is None
+
+
+def test_cli_without_the_checkout_says_how_to_get_the_bench(tmp_path):
+    """natctl installed from a wheel has no bench/ beside it: one line, how to get it."""
+    import shutil
+
+    from natctl.cli.bench import checkout_root
+
+    shutil.copytree(checkout_root() / "natctl", tmp_path / "natctl", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['natctl', 'bench', '--quick']; "
+                           "from natctl.cli import main; main()"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith("natctl: error: the benchmark suite is not installed") and \
+        "make bench" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def _summary(v):
@@ -173,14 +194,12 @@ def test_smoke_each_method(blab, tmp_path, name):
 
 
 @ROOT_ONLY
-def test_smoke_daemon_admission(blab, tmp_path):
-    from natctl.bench import daemon
-
+def test_smoke_daemon_admission_and_flood(blab, tmp_path):
     reason = daemon.unavailable()
     if reason:
         pytest.skip(reason)
-    try:
-        r = daemon.admission(blab, Context(str(tmp_path), lifetime=60), clients=3)
-    finally:
-        run(["nft", "delete", "table", "inet", "natctl"], ns=blab.relay_ns, check=False)
+    r = daemon.admission(blab, Context(str(tmp_path), lifetime=60), clients=3, flood=2000)
     assert r["admitted"] == 3 and r["p99_ms"] < 500
+    flood = r["flood"]
+    assert flood["sent"] == 2000 and flood["reached_daemon"] <= 400, flood  # a rate-limited few reach it
+    assert run(["nft", "list", "table", "inet", "natctl"], ns=blab.relay_ns, check=False).returncode != 0

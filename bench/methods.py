@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from natctl.bench.cpu import group_pids
-from natctl.bench.lab import CLIENT_IP, ECHO_PORT, HOST_IP, RELAY_IP, SINK_PORT, BenchLab, wait_bound
-from natctl.bench.tool import BenchError
+from bench.config import CLIENT_IP, ECHO_PORT, HOST_IP, RELAY_IP, SINK_PORT, USER_HOST_PORTS, child_env
+from bench.cpu import group_pids
+from bench.lab import BenchLab, napi_thread, wait_bound, write_sys
+from bench.tool import BenchError
 from natctl.lab.netns import run, spawn, stop
 from natctl.model import Endpoint
 
@@ -40,7 +41,6 @@ class Flow:
 FLOOD = Flow("flood", Endpoint(CLIENT_IP, 40001), Endpoint(HOST_IP, SINK_PORT))
 PROBE = Flow("probe", Endpoint(CLIENT_IP, 40002), Endpoint(HOST_IP, ECHO_PORT))
 FLOWS = (FLOOD, PROBE)
-USER_HOST_PORTS = 30000  # P_h of the userspace relays; their P_c start at 20000
 
 
 @dataclass
@@ -76,12 +76,13 @@ class Method:
 
 def _wait_ready(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Wait for the relay's 'ready' line."""
+    assert proc.stdout is not None  # started with stdout=PIPE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"the relay exited with {proc.returncode} before it was ready")
         ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready and b"ready" in proc.stdout.readline():  # type: ignore[union-attr]
+        if ready and b"ready" in proc.stdout.readline():
             return
     raise BenchError("the relay did not get ready in time")
 
@@ -90,12 +91,13 @@ class AsyncioRelay(Method):
     name, label = "asyncio", "asyncio relay (Python)"
 
     def start(self, lab: BenchLab, ctx: Context, mappings: int = 10, incremental: bool = False) -> Running:
-        argv = [sys.executable, "-m", "natctl.bench.relay_asyncio", "--relay-ip", RELAY_IP,
+        argv = [sys.executable, "-m", "bench.relay_asyncio", "--relay-ip", RELAY_IP,
                 "--seconds", str(ctx.lifetime)]
         for i, flow in enumerate(FLOWS):
             argv += ["--lobby", f"{USER_HOST_PORTS + i}={flow.host}"]
         with open(os.path.join(ctx.tmp, "asyncio.log"), "ab") as log:
-            proc = spawn(lab.on_relay_cpu(argv), ns=lab.relay_ns, stdout=subprocess.PIPE, stderr=log)
+            proc = spawn(lab.on_relay_cpu(argv), ns=lab.relay_ns, stdout=subprocess.PIPE, stderr=log,
+                         env=child_env())
         try:
             _wait_ready(proc)
         except BaseException:
@@ -137,11 +139,10 @@ class Socat(Method):
 
 def worker(lab: BenchLab, ctx: Context, op: str, *args: str, env: dict[str, str] | None = None,
            timeout: float = 600) -> dict[str, Any]:
-    """Run natctl's bench worker (natctl/bench/worker.py) against the lab's relay."""
-    argv = [sys.executable, "-m", "natctl.bench.worker", op, "--ns", lab.relay_ns,
+    """Run natctl's bench worker (bench/worker.py) against the lab's relay."""
+    argv = [sys.executable, "-m", "bench.worker", op, "--ns", lab.relay_ns,
             "--state", os.path.join(ctx.tmp, "natctl.db"), "--relay-ip", RELAY_IP, *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "NATCTL_CONFIG": "/nonexistent", **(env or {})})
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=child_env(**(env or {})))
     if proc.returncode != 0:
         raise BenchError(f"natctl worker {op} failed: {proc.stderr.strip()[-400:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -208,7 +209,6 @@ class NatctlXdp(NatctlNft):
         The peer's NAPI (XDP gives it one) is threaded and pinned to the load
         CPU, so delivering the relay's output stays off the relay's CPU.
         """
-        from natctl.bench.lab import napi_thread, write_sys
         from natctl.lab import xdp as labxdp
 
         try:
@@ -233,4 +233,5 @@ class NatctlXdp(NatctlNft):
             raise BenchError(f"natctl did not attach its XDP program (backend {backend})")
 
 
+# A new method is named in bench.config.METHOD_NAMES too: --methods is checked there (the tests hold them equal).
 METHODS: dict[str, Method] = {m.name: m for m in (AsyncioRelay(), Socat(), NatctlNft(), NatctlXdp())}

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from natctl.bench.scale import INCREMENTAL_AT
+from bench.config import INCREMENTAL_AT
+from bench.stats import percentile
 
 
 def get(doc: Any, *path: str) -> Any:
@@ -122,13 +123,12 @@ def rtt(lat: dict[str, Any] | None) -> str:
 def busy(flood: dict[str, Any] | None) -> float | None:
     """How busy the relay's own threads kept its CPU during the floods (median); well under 1: the
     relay was not the limit, the sender was."""
-    shares = sorted(x["relay_cpu_s"] / x["wall_s"] for x in (flood or {}).get("runs", []) if x.get("wall_s"))
-    return shares[len(shares) // 2] if shares else None
+    return percentile([x["relay_cpu_s"] / x["wall_s"] for x in (flood or {}).get("runs", []) if x.get("wall_s")], 50)
 
 
 def method_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for name, m in r.get("methods", {}).items():
+    for m in r.get("methods", {}).values():
         if not m.get("available"):
             rows.append([m["label"], f"not available: {m.get('reason')}"] + [""] * (len(METHOD_COLUMNS) - 2))
             continue

@@ -1,8 +1,8 @@
 """natctl's side of the bench, in its own process: install N mappings, time it, measure it.
 
-    python -m natctl.bench.worker install --ns NS --state DB --relay-ip IP --mappings N
+    python -m bench.worker install --ns NS --state DB --relay-ip IP --mappings N
         --flow NAME=CLIENT_IP:PORT=HOST_IP:PORT [...] [--cgroup DIR] [--incremental] [--accel none|xdp]
-    python -m natctl.bench.worker uninstall --ns NS --state DB --relay-ip IP [--accel ...]
+    python -m bench.worker uninstall --ns NS --state DB --relay-ip IP [--accel ...]
 
 A process of its own so that its resident memory is natctl's alone, and so that
 it can sit in a memory cgroup of its own (the kernel charges the maps' memory
@@ -20,18 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from bench.config import PORTS
+from bench.cpu import status_kib
+from bench.stats import percentile
 from natctl.config import Settings
-from natctl.model import Client, Endpoint, Host, PortRange
+from natctl.kernel.backend import Kernel
+from natctl.model import Client, Endpoint, Host
 from natctl.plan import Changes
 from natctl.service import Service
 
-PORTS = PortRange(10000, 32000)  # below the kernel's ip_local_port_range; 8809 stays outside
 LOBBY_SIZE = 1000
 
 
@@ -58,9 +60,9 @@ class TimedKernel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read(self) -> Any:
+    def read(self, sets: Any = None) -> Any:  # the Kernel protocol's: expiry reads only some sets
         t = time.perf_counter()
-        out = self.inner.read()
+        out = self.inner.read(sets)
         self.calls.append({"op": "read", "s": time.perf_counter() - t})
         return out
 
@@ -74,14 +76,6 @@ class TimedKernel:
     def take(self) -> list[dict[str, Any]]:
         calls, self.calls = self.calls, []
         return calls
-
-
-def status_kib(field: str, pid: int | str = "self") -> int:
-    """A memory figure (VmRSS, VmHWM) of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def parse_flow(text: str) -> tuple[str, Endpoint, Endpoint]:
@@ -146,10 +140,14 @@ def incremental(svc: Service, timed: TimedKernel, host_port: int, lobby: str, ho
             elements = [e for c in applies for e in c["add"] + c["delete"]]
             sent.append(len(elements))
             only = only and all(touches(e, addr) or e.set.startswith("host") for e in elements)
-        out[path] = {"total_ms": statistics.median(totals) * 1000, "kernel_apply_ms": statistics.median(kernel) * 1000,
-                     "kernel_read_ms": statistics.median(reads) * 1000, "elements_sent": max(sent),
+        out[path] = {"total_ms": _median_ms(totals), "kernel_apply_ms": _median_ms(kernel),
+                     "kernel_read_ms": _median_ms(reads), "elements_sent": max(sent),
                      "only_that_mapping": only, "repeats": repeats}
     return out
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return (percentile(seconds, 50) or 0.0) * 1000
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -160,7 +158,7 @@ def settings(args: argparse.Namespace) -> Settings:
 def install(args: argparse.Namespace) -> dict[str, Any]:
     cfg = settings(args)
     timed = TimedKernel(Service(cfg).kernel, args.cgroup)
-    svc = Service(cfg, kernel_factory=lambda: timed)
+    svc = Service(cfg, kernel_factory=lambda: cast(Kernel, timed))  # delegates all the rest by __getattr__
     flows = [parse_flow(f) for f in args.flow]
     t = time.perf_counter()
     ports = populate(svc, flows, args.mappings)
@@ -186,7 +184,7 @@ def install(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m natctl.bench.worker")
+    ap = argparse.ArgumentParser(prog="python -m bench.worker")
     ap.add_argument("op", choices=("install", "uninstall"))
     ap.add_argument("--ns", required=True)
     ap.add_argument("--state", required=True)

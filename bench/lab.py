@@ -3,7 +3,7 @@
 ```
    relay ns:  r<tag>  198.18.0.1/16          (one NIC, as on a VPS)
                  │ veth
-   world ns:  w<tag>  198.18.1.2 (client), 198.18.2.2 (host)
+   world ns:  w<tag>  198.18.1.2 (client), 198.18.2.2 (host), 198.18.3.2 (a stranger)
 ```
 
 Leaner than the demo's topology on purpose: home routers would add two
@@ -28,19 +28,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from natctl.bench.tool import BenchError
+from bench.config import CLIENT_IP, HOST_IP, RELAY_IP, SINK_PORT, STRANGER_IP
+from bench.tool import BenchError
+from natctl.errors import KernelError, NatctlError
 from natctl.lab import topology
 from natctl.lab.netns import need, run
-
-RELAY_IP = "198.18.0.1"
-CLIENT_IP = "198.18.1.2"
-HOST_IP = "198.18.2.2"
-SINK_PORT = 27015  # flood packets end here, counted and dropped
-ECHO_PORT = 27016  # round-trip probes are echoed from here
 
 SINK_TABLE = "natctl_bench"
 
@@ -82,8 +82,12 @@ class BenchLab:
             "into_relay": _link_stat(self.world_ns, self.world_if, "tx", "dropped"),
             "relay_rx": _link_stat(self.relay_ns, self.relay_if, "rx", "dropped"),
             "out_of_relay": _link_stat(self.relay_ns, self.relay_if, "tx", "dropped"),
-            "relay_socket": udp_rcvbuf_errors(run(["cat", "/proc/net/snmp"], ns=self.relay_ns).stdout),
+            "relay_socket": self.relay_udp("RcvbufErrors"),
         }
+
+    def relay_udp(self, field: str) -> int:
+        """A UDP counter of the relay's namespace: InDatagrams (reached a socket), RcvbufErrors (a full one)."""
+        return udp_stat(run(["cat", "/proc/net/snmp"], ns=self.relay_ns).stdout, field)
 
     def teardown(self) -> None:
         self.base.teardown()
@@ -98,12 +102,12 @@ def parse_sink(doc: dict) -> int:
     raise BenchError("the bench's sink counter is missing", "was the lab torn down underneath the bench?")
 
 
-def udp_rcvbuf_errors(snmp: str) -> int:
-    """UDP RcvbufErrors from /proc/net/snmp: datagrams dropped because a socket was full."""
+def udp_stat(snmp: str, field: str) -> int:
+    """One UDP counter of /proc/net/snmp (its header line names them; 0 if missing)."""
     rows = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")]
     if len(rows) < 2:
         return 0
-    return int(dict(zip(rows[0][1:], rows[1][1:])).get("RcvbufErrors", 0))
+    return int(dict(zip(rows[0][1:], rows[1][1:])).get(field, 0))
 
 
 def _link_stat(ns: str, dev: str, direction: str, what: str) -> int:
@@ -165,7 +169,7 @@ def _build(lab: BenchLab) -> None:
     # The relay answers on the interface packets came in on: no redirects, ever.
     topology._sysctl(relay, f"net.ipv4.conf.{lab.relay_if}.send_redirects=0")
     run(["ip", "-n", relay, "addr", "add", f"{RELAY_IP}/16", "dev", lab.relay_if])
-    for ip in (CLIENT_IP, HOST_IP):
+    for ip in (CLIENT_IP, HOST_IP, STRANGER_IP):
         run(["ip", "-n", world, "addr", "add", f"{ip}/16", "dev", lab.world_if])
     run(["nft", "-f", "-"], ns=world, input=(
         f"table netdev {SINK_TABLE} {{\n  chain sink {{\n"
@@ -192,3 +196,40 @@ def cpus() -> tuple[int, int]:
     if len(allowed) >= 2:
         return allowed[-1], allowed[-2]
     return allowed[0], allowed[0]
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise KernelError("the bench builds network namespaces and must run as root", "run it with sudo")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the same cleanup path as Ctrl-C
+
+
+@contextmanager
+def session(tag: str | None = None) -> Iterator[BenchLab]:
+    """The lab for one run, as root, removed afterwards, also on failure, Ctrl-C or SIGTERM."""
+    need_root()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        lab = build(*cpus(), tag)
+        try:
+            yield lab
+        finally:
+            lab.teardown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def standalone(main: Callable[[], int], prog: str) -> None:
+    """Run a ``python -m bench.X`` command: natctl's one-line errors, not a traceback; 130 on Ctrl-C."""
+    try:
+        code = main()
+    except NatctlError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -12,7 +12,6 @@ counts against the relay, as it would on a real server.
 from __future__ import annotations
 
 import math
-import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,10 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from natctl.bench import cpu, tool
-from natctl.bench.lab import ECHO_PORT, HOST_IP, BenchLab, wait_bound
-from natctl.bench.methods import FLOOD, PROBE, Running
-from natctl.bench.tool import BenchError
+from bench import cpu, tool
+from bench.config import ECHO_PORT, HOST_IP
+from bench.lab import BenchLab, wait_bound
+from bench.methods import FLOOD, PROBE, Running
+from bench.stats import summarize
+from bench.tool import BenchError
 from natctl.lab.netns import spawn, stop
 
 DISTURBED = 0.10  # others used more than this share of the relay's core: the run is suspect
@@ -37,14 +38,8 @@ class Flood:
     rate: float = 0  # 0: as fast as the sender can
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Median with min and max (and every run, for the JSON)."""
-    if not values:
-        return {"median": None, "min": None, "max": None, "runs": []}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
-
-
-def _load(lab: BenchLab, mode: str, timeout: float, **opts: object) -> dict[str, Any]:
+def load(lab: BenchLab, mode: str, timeout: float, **opts: object) -> dict[str, Any]:
+    """One run of the load tool in the world, on the load CPU; its result."""
     argv = ["ip", "netns", "exec", lab.world_ns, *lab.on_load_cpu(tool.argv(mode, **opts))]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -64,8 +59,8 @@ def warm(lab: BenchLab, running: Running) -> None:
     reply reaching a client socket that is already closed draws an ICMP error,
     and socat quits on those.
     """
-    _load(lab, "send", 10, src=FLOOD.client, dst=_target(running, "flood"), size=64, count=20, seconds=1, rate=200)
-    _load(lab, "rtt", 10, src=PROBE.client, dst=_target(running, "probe"), size=64, count=20, seconds=1, rate=200)
+    load(lab, "send", 10, src=FLOOD.client, dst=_target(running, "flood"), size=64, count=20, seconds=1, rate=200)
+    load(lab, "rtt", 10, src=PROBE.client, dst=_target(running, "probe"), size=64, count=20, seconds=1, rate=200)
     time.sleep(0.1)
 
 
@@ -105,8 +100,8 @@ def flood(lab: BenchLab, running: Running, spec: Flood) -> dict[str, Any]:
     sink0, drops0 = lab.sink_packets(), lab.drops()
     pids = running.pids()
     c0 = cpu.sample(pids, lab.napi_pid, lab.relay_cpu)
-    sent = _load(lab, "send", spec.seconds + 15, src=FLOOD.client, dst=_target(running, "flood"), size=spec.size,
-                 count=spec.packets, seconds=spec.seconds, rate=spec.rate or None)
+    sent = load(lab, "send", spec.seconds + 15, src=FLOOD.client, dst=_target(running, "flood"), size=spec.size,
+                count=spec.packets, seconds=spec.seconds, rate=spec.rate or None)
     exited = time.monotonic()
     sink1, moved = _settle(lab)
     c1 = cpu.sample(pids, lab.napi_pid, lab.relay_cpu)
@@ -167,20 +162,20 @@ def latency(lab: BenchLab, running: Running, probes: int, rate: float, load_pps:
     """Round trips client -> relay -> host echo -> relay -> client (inside ``echo``), with an optional
     paced flood beside them."""
     seconds = probes / rate + 1
-    load = None
+    beside = None
     quiet(lab)
     try:
         if load_pps > 0:
-            load = spawn(lab.on_load_cpu(tool.argv(
+            beside = spawn(lab.on_load_cpu(tool.argv(
                 "send", src=FLOOD.client, dst=_target(running, "flood"), size=size,
                 count=int(load_pps * (seconds + 1)), seconds=seconds + 1, rate=load_pps)),
                 ns=lab.world_ns, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.3)  # the load is flowing before the first probe
-        out = _load(lab, "rtt", seconds + 15, src=PROBE.client, dst=_target(running, "probe"), size=max(size, 16),
-                    count=probes, seconds=seconds, rate=rate)
+        out = load(lab, "rtt", seconds + 15, src=PROBE.client, dst=_target(running, "probe"), size=max(size, 16),
+                   count=probes, seconds=seconds, rate=rate)
     finally:
-        if load is not None:
-            stop(load)
+        if beside is not None:
+            stop(beside)
     out["load_pps"] = load_pps
     out["lost"] = out["sent"] - out["received"]
     return out

@@ -1,4 +1,4 @@
-"""CPU time of the relay, and the machine a run happened on.
+"""CPU time and memory of processes (the relay's, the daemon's), and the machine a run happened on.
 
 The relay's CPU time is the exact run time (``/proc/PID/task/*/schedstat``,
 nanoseconds) of the threads that do the relaying: the kernel thread that
@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.config import ROOT
+
 
 def task_runtime_ns(pid: int) -> int:
     """Run time of every thread of ``pid`` so far (0 if it is gone)."""
@@ -32,6 +34,14 @@ def task_runtime_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """A memory figure (VmRSS, VmHWM) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -127,7 +137,7 @@ def machine() -> dict[str, object]:
 
 def commit() -> str:
     """The checkout's commit, '+changes' if tracked files differ from it (others may be editing)."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(ROOT)
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=5).stdout.strip()

@@ -2,7 +2,7 @@
 
 Python cannot flood at line rate, so sending, sinking, echoing and timing round
 trips are done by a small sendmmsg/recvmmsg program. It is built into a
-git-ignored directory (``build/bench`` beside the package, or
+git-ignored directory (``build/bench`` in the checkout, or
 ``$NATCTL_BENCH_BUILD``) and rebuilt when its source changes.
 """
 
@@ -15,9 +15,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.config import ROOT
 from natctl.errors import NatctlError
 
-SOURCE = Path(__file__).with_name("udpblast.c")
+SOURCE = Path(__file__).with_name("udpblast.c")  # beside this module, in the bench package
 
 
 class BenchError(NatctlError):
@@ -28,7 +29,7 @@ def build_dir() -> Path:
     env = os.environ.get("NATCTL_BENCH_BUILD")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "build" / "bench"
+    return ROOT / "build" / "bench"
 
 
 def compiler() -> str:
