@@ -9,9 +9,8 @@ map writes in the same step. Whatever XDP cannot do, nftables does.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 import sys
-import time
+from collections.abc import Iterable
 
 from natctl.config import Settings
 from natctl.errors import KernelError, NatctlError
@@ -33,6 +32,7 @@ class XdpKernel:
         self.nft = nft if nft is not None else NftKernel()
         self.prog = Program.find(interface, mode, pin_root)
         self.owns = NFT_SETS | {XDP}
+        self.delivery_mark = self.nft.delivery_mark
         self.detached = False  # set by uninstall when it removed natctl's program
 
     @property
@@ -55,7 +55,7 @@ class XdpKernel:
 
     def apply(self, changes: Changes) -> None:
         xdp_del = [e.key for e in changes.delete if e.set == XDP]
-        xdp_add = {e.key: e.value for e in changes.add if e.set == XDP}
+        xdp_add = {e.key: e.value for e in changes.add if e.set == XDP and e.value is not None}
         self.nft.apply(Changes(tuple(e for e in changes.add if e.set != XDP),
                                tuple(e for e in changes.delete if e.set != XDP), changes.create_table,
                                changes.generation))
@@ -87,21 +87,15 @@ class XdpKernel:
     def forget(self, changes: Changes) -> int:
         return self.nft.forget(changes)
 
+    def block(self, ip: str, port: int) -> None:
+        self.nft.block(ip, port)  # refused senders are dropped by nftables; XDP passes unknown keys to it
+
     def uninstall(self) -> bool:
         table = self.nft.uninstall()
         self.detached = detach(self.prog.ifname, self.prog.pin_root)
         self.prog.close()
         self.prog.attached = False
         return table or self.detached
-
-    def counters(self) -> dict[str, int]:
-        """Why packets were forwarded or passed by XDP (summed over CPUs)."""
-        return self.prog.counters()
-
-    def last_seen(self) -> dict[tuple, float]:
-        """Per XDP key: when XDP last forwarded a packet, in Unix seconds (for idle cleanup)."""
-        offset = time.time() - time.monotonic_ns() / 1e9
-        return {k: offset + ns / 1e9 for k, (p, _, ns) in self.prog.flow_stats().items() if p}
 
 
 def select(settings: Settings, mode: str | None = None) -> Kernel:

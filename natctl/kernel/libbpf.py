@@ -14,8 +14,16 @@ import collections
 import ctypes as C
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
-from natctl.kernel.bpf_layout import BatchOpts, MapInfo, ProgInfo, TestRunOpts, XdpMd, XdpQueryOpts
+from natctl.kernel.bpf_layout import (
+    BatchOpts,
+    MapInfo,
+    ProgInfo,
+    TestRunOpts,
+    XdpMd,
+    XdpQueryOpts,
+)
 
 BPF_PROG_TYPE_XDP = 6
 BPF_ANY = 0
@@ -100,7 +108,10 @@ def check(rc: int, what: str) -> int:
     return rc
 
 
-def _opts(cls: type[C.Structure], **kw: object) -> C.Structure:
+S = TypeVar("S", bound=C.Structure)
+
+
+def _opts(cls: type[S], **kw: object) -> S:
     return cls(sz=C.sizeof(cls), **kw)
 
 
@@ -259,7 +270,7 @@ def lookup_all(fd: int, key_type: type[C.Structure], value_size: int) -> list[tu
         first = False
 
 
-def lookup(fd: int, key: C.Structure, value: C.Array | C.Structure) -> bool:
+def lookup(fd: int, key: C.Structure | C.c_uint32, value: C.Array | C.Structure) -> bool:
     rc = lib().bpf_map_lookup_elem(fd, C.byref(key), C.byref(value))
     if rc == -2:
         return False

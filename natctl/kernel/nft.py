@@ -7,7 +7,9 @@ natctl owns ``table inet natctl`` alone and touches no other table.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,7 @@ UNKNOWN_RATE_TOTAL = "2000/second burst 500 packets"
 BLOCK_SECONDS = 60
 CHUNK = 2000  # elements per statement: keeps each line short, still one transaction
 
+CHAINS = ("rawpre", "prerouting", "forward", "input", "output", "postrouting")  # skeleton()'s
 # Key and value types of every map/set, in the order plan.py builds tuples.
 TYPES: dict[str, tuple[str, str | None]] = {
     DNAT: ("ipv4_addr . inet_proto . inet_service . inet_service", "ipv4_addr . inet_service"),
@@ -63,8 +66,8 @@ def skeleton() -> str:
             "  set generation {\n    type mark\n  }",
             *sets,
             # Senders the daemon refused, for a while: dropped here at no cost to it.
-            f"  set blocked4 {{\n    type ipv4_addr . inet_service\n    flags dynamic,timeout\n"
-            f"    timeout {BLOCK_SECONDS}s\n  }}",
+            (f"  set blocked4 {{\n    type ipv4_addr . inet_service\n    flags dynamic,timeout\n"
+             f"    timeout {BLOCK_SECONDS}s\n  }}"),
             "  set flood4 {\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout 60s\n  }",
             "  counter unknown_blocked {\n  }",
             "  counter unknown_limited {\n  }",
@@ -87,8 +90,8 @@ def skeleton() -> str:
             "  chain input {",
             "    type filter hook input priority filter; policy accept;",
             f'    udp dport @{HOSTPORTS} ip saddr . udp dport @blocked4 counter name "unknown_blocked" drop',
-            f"    udp dport @{HOSTPORTS} update @flood4 {{ ip saddr limit rate over {UNKNOWN_RATE_PER_SOURCE} }}"
-            ' counter name "unknown_limited" drop',
+            (f"    udp dport @{HOSTPORTS} update @flood4 {{ ip saddr limit rate over {UNKNOWN_RATE_PER_SOURCE} }}"
+             ' counter name "unknown_limited" drop'),
             f'    udp dport @{HOSTPORTS} limit rate over {UNKNOWN_RATE_TOTAL} counter name "unknown_limited" drop',
             "  }",
             "  chain output {",
@@ -109,7 +112,7 @@ def _concat(values: tuple) -> str:
     return " . ".join(str(v) for v in values)
 
 
-def _element_text(e: Element, with_value: bool) -> str:
+def element_text(e: Element, with_value: bool) -> str:
     text = _concat(e.key)
     if e.comment and with_value:
         text += f' comment "{e.comment}"'
@@ -126,7 +129,7 @@ def _statements(verb: str, elements: Iterable[Element]) -> list[str]:
     for name in sorted(by_set):
         items = by_set[name]
         for i in range(0, len(items), CHUNK):
-            body = ", ".join(_element_text(e, verb == "add") for e in items[i : i + CHUNK])
+            body = ", ".join(element_text(e, verb == "add") for e in items[i : i + CHUNK])
             out.append(f"{verb} element inet {TABLE} {name} {{ {body} }}")
     return out
 
@@ -157,14 +160,33 @@ class Installed:
     named: dict[str, tuple[int, int]] = field(default_factory=dict)  # named counter objects
 
 
-def _scalar(v: Any) -> Any:
+# IANA protocol numbers, fixed: a listing's protocols never depend on /etc/protocols.
+PROTO_NAMES = {6: "tcp", 17: "udp"}
+
+
+def _port(v: int | str) -> int:
+    if isinstance(v, int) or v.isdigit():
+        return int(v)
+    try:  # only a listing from elsewhere (nft -S) names ports; Nft asks for numbers
+        return socket.getservbyname(v)
+    except OSError:
+        raise KernelError(f"nft printed port {v!r} as a name this machine cannot resolve",
+                          "list the table with numeric ports (nft without -S)") from None
+
+
+def _field(kind: str, v: Any) -> Any:
+    if kind == "inet_proto":
+        return PROTO_NAMES.get(int(v), int(v)) if isinstance(v, int) or v.isdigit() else v.lower()
+    if kind == "inet_service":
+        return _port(v)
     return v if isinstance(v, (int, str)) else str(v)
 
 
-def _tuple(obj: Any) -> tuple:
-    if isinstance(obj, dict) and "concat" in obj:
-        return tuple(_scalar(v) for v in obj["concat"])
-    return (_scalar(obj),)
+def _tuple(obj: Any, typ: str | None) -> tuple:
+    """An element's key or value as plan.py builds it, whatever names the listing used."""
+    kinds = typ.split(" . ") if typ else []
+    values = obj["concat"] if isinstance(obj, dict) and "concat" in obj else [obj]
+    return tuple(_field(kinds[i] if i < len(kinds) else "", v) for i, v in enumerate(values))
 
 
 def parse_listing(doc: dict) -> Installed:
@@ -190,12 +212,13 @@ def parse_listing(doc: dict) -> Installed:
                     inner = key_obj["elem"]
                     counter, comment = inner.get("counter"), inner.get("comment", "")
                     key_obj = inner["val"]
-                key = _tuple(key_obj)
-                value = _tuple(value_obj) if value_obj is not None else None
+                ktype, vtype = TYPES[obj["name"]]
+                key = _tuple(key_obj, ktype)
+                value = _tuple(value_obj, vtype) if value_obj is not None else None
                 out.elements.add(Element(obj["name"], key, value, comment))
                 if counter:
                     out.counters[(obj["name"], key)] = (counter["packets"], counter["bytes"])
-    out.table_ok = out.present and names >= {SCHEMA, "generation", *TYPES, "rawpre", "prerouting", "forward", "postrouting", "input", "output"}
+    out.table_ok = out.present and names >= {SCHEMA, "generation", *TYPES, *CHAINS}
     return out
 
 
@@ -204,7 +227,7 @@ class Nft:
 
     def __init__(self) -> None:
         try:
-            import nftables  # type: ignore[import-not-found]
+            import nftables
         except ImportError:
             raise KernelError(
                 "the nftables Python binding is missing",
@@ -215,19 +238,24 @@ class Nft:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        # Numbers, never names: names come from the machine's databases (/etc/protocols,
+        # /etc/services, /etc/iproute2/rt_marks), which a minimal system lacks.
+        self._nft.set_numeric_proto_output(True)
+        self._nft.set_numeric_symbol_output(True)
+        self._nft.set_service_output(False)
+        self._nft.set_reversedns_output(False)
 
     def run(self, script: str) -> str:
         rc, out, err = self._nft.cmd(script)
         if rc != 0:
-            first = next((ln for ln in err.splitlines() if "Error" in ln), err.strip().splitlines()[0] if err.strip() else "")
+            lines = err.strip().splitlines()
+            first = next((ln for ln in lines if "Error" in ln), lines[0] if lines else "")
             raise KernelError(f"nftables refused the change, nothing was applied ({first.strip()})",
                               "check that the kernel has nf_tables with NAT support (modprobe nft_nat)")
         return out
 
     def read(self, sets: Iterable[str] | None = None) -> Installed:
         """The whole table, or only the elements and counters of ``sets`` (cheaper at scale)."""
-        import json
-
         if sets is not None:
             out = Installed()
             for name in sets:
@@ -251,8 +279,6 @@ class Nft:
 
     def generation(self) -> int | None:
         """The tag of the last change applied (see Changes.generation); None without one."""
-        import json
-
         rc, out, _ = self._nft.cmd(f"list set inet {TABLE} generation")
         if rc != 0:
             return None
@@ -269,7 +295,6 @@ class Nft:
         self.run(f"delete table inet {TABLE}")
         return True
 
-
-def block(ip: str, port: int) -> None:
-    """Drop a refused sender's packets to one host port in the kernel for BLOCK_SECONDS."""
-    Nft().run(f"add element inet {TABLE} blocked4 {{ {ip} . {port} }}")
+    def block(self, ip: str, port: int) -> None:
+        """Drop a refused sender's packets to one host port in the kernel for BLOCK_SECONDS."""
+        self.run(f"add element inet {TABLE} blocked4 {{ {ip} . {port} }}")
