@@ -2,7 +2,7 @@
 # Each runs the setup first (idempotent, fast when everything is there).
 VENV := .venv/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -10,8 +10,13 @@ setup:
 demo: setup
 	$(VENV)/natctl demo
 
-test: setup
+test: setup check
 	$(VENV)/python -m pytest
+
+# Lint over the package, its tests and the bench; types over the package (clean; part of make test).
+check: setup
+	$(VENV)/ruff check natctl tests bench
+	$(VENV)/mypy
 
 bench: setup
 	$(VENV)/natctl bench

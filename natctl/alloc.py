@@ -68,11 +68,3 @@ class Allocator:
     def take_client(self, host: Endpoint, port: int) -> None:
         self.client_ports[host].add(port)
         self._client_use[port] += 1
-
-    def release_client(self, host: Endpoint, port: int) -> None:
-        if port in self.client_ports.get(host, ()):
-            self.client_ports[host].discard(port)
-            self._client_use[port] -= 1
-
-    def release_host(self, port: int) -> None:
-        self.host_ports.discard(port)

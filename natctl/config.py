@@ -1,16 +1,57 @@
-"""Settings: defaults < /etc/natctl/natctl.toml < NATCTL_* environment < command line."""
+"""Settings, one loader for all of them: defaults < /etc/natctl/natctl.toml < NATCTL_* environment < options.
+
+The file's top level holds the relay's settings; each table holds one
+feature's (``[gm]`` today). Every table is read the same way: known keys
+only, each parsed from text by its parser, ``NATCTL_<TABLE>_<KEY>`` in the
+environment, then the command line's options.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from natctl.errors import NatctlError, UsageError
-from natctl.model import PortRange, parse_duration, parse_ipv4, parse_port, parse_port_range
+from natctl.model import PortRange, parse_cidr, parse_duration, parse_ipv4, parse_port, parse_port_range
 
 CONFIG_PATH = "/etc/natctl/natctl.toml"
+VPNS = ("wireguard", "openvpn")
+
+
+@dataclass(frozen=True)
+class GmSettings:
+    """The ``[gm]`` table: game masters' VPN and public ports."""
+
+    vpn: str = "wireguard"
+    interface: str = "natctl-wg"  # WireGuard interface natctl owns; unique on the machine
+    subnet: str = "10.77.0.0/24"  # the relay takes the first address, GMs the next ones
+    listen_port: int = 0  # 0: 51820 for WireGuard, 1194 for OpenVPN
+    ports: PortRange = PortRange(1802, 1901)  # public ports handed to GMs
+    endpoint: str = ""  # host GMs dial; empty: the relay IP
+    key_file: str = ""  # WireGuard server key; empty: IFACE.key beside the store
+    handshake_timeout: int = 180  # seconds: WireGuard renews every 2 minutes while up
+    openvpn_ccd: str = "/etc/openvpn/server/ccd"
+    openvpn_pki: str = "/etc/openvpn/server/easy-rsa/pki"
+    openvpn_status: str = "/run/openvpn-server/status-server.log"
+    openvpn_tls_crypt: str = ""
+
+    @property
+    def port(self) -> int:
+        """The VPN's own UDP port on the relay."""
+        return self.listen_port or (51820 if self.vpn == "wireguard" else 1194)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def relay_address(self) -> str:
+        """The relay's own address inside the VPN (GMs' replies go there)."""
+        return str(next(self.network.hosts()))
 
 
 @dataclass(frozen=True)
@@ -25,54 +66,114 @@ class Settings:
     cleanup_interval: int = 30
     metrics: str = ""  # host:port for the Prometheus endpoint; empty: off
     lock_timeout: float = 5.0  # seconds to wait for another natctl's store transaction
+    gm: GmSettings = field(default_factory=GmSettings)  # the [gm] table
+
+
+def _choice(allowed: tuple[str, ...], what: str) -> Any:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise UsageError(f"invalid {what} {value!r}", "use " + (" or ".join(allowed) if len(allowed) == 2
+                                                                  else "one of " + ", ".join(allowed)))
+        return value
+    return parse
+
+
+def _duration(v: Any) -> int:
+    return v if isinstance(v, int) else parse_duration(str(v))
+
+
+def _ports(v: Any) -> PortRange:
+    return v if isinstance(v, PortRange) else parse_port_range(str(v))
+
+
+def _interface(name: str) -> str:
+    # Linux interface names: at most 15 bytes, no '/' or spaces; wg-quick is stricter still.
+    if not (1 <= len(name) <= 15) or not all(c.isalnum() or c in "_=+.-" for c in name):
+        raise UsageError(f"invalid interface name {name!r}", "use 1-15 letters, digits or _=+.-")
+    return name
+
+
+def _subnet(text: str) -> str:
+    net = ipaddress.IPv4Network(parse_cidr(text))
+    if net.num_addresses < 4:
+        raise UsageError(f"VPN subnet {net} is too small", "use a /30 or larger (a /24 holds 253 GMs)")
+    return str(net)
 
 
 # How each setting is parsed from text (config file values may already be typed).
 PARSERS: dict[str, Any] = {
     "state": str,
     "relay_ip": lambda v: parse_ipv4(v) if v else "",
-    "ports": lambda v: v if isinstance(v, PortRange) else parse_port_range(str(v)),
+    "ports": _ports,
     "registration_port": lambda v: parse_port(v, "registration port"),
-    "accel": lambda v: _choice(v, ("xdp", "none", "auto"), "accel"),
+    "accel": _choice(("xdp", "none", "auto"), "accel"),
     "interface": str,
-    "idle_timeout": lambda v: v if isinstance(v, int) else parse_duration(str(v)),
-    "cleanup_interval": lambda v: v if isinstance(v, int) else parse_duration(str(v)),
+    "idle_timeout": _duration,
+    "cleanup_interval": _duration,
     "metrics": str,
     "lock_timeout": float,
 }
+GM_PARSERS: dict[str, Any] = {
+    "vpn": _choice(VPNS, "VPN"),
+    "interface": _interface,
+    "subnet": _subnet,
+    "listen_port": lambda v: parse_port(v, "VPN listen port") if v not in (0, "0", "") else 0,
+    "ports": _ports,
+    "endpoint": str,
+    "key_file": str,
+    "handshake_timeout": _duration,
+    "openvpn_ccd": str,
+    "openvpn_pki": str,
+    "openvpn_status": str,
+    "openvpn_tls_crypt": str,
+}
+# table name -> (its parsers, how its keys are named in messages)
+TABLES: dict[str, tuple[dict[str, Any], str]] = {"gm": (GM_PARSERS, "GM setting")}
+
+T = TypeVar("T")
 
 
-def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
-    if value not in allowed:
-        raise UsageError(f"invalid {what} {value!r}", "use one of " + ", ".join(allowed))
-    return value
+def _read(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise NatctlError(f"cannot read config {path}: {err}", "fix the file or remove it") from None
 
 
-def load(overrides: dict[str, Any] | None = None, path: str | None = None,
-         environ: dict[str, str] | None = None) -> Settings:
-    """Merge the sources in order; the last one that sets a value wins."""
+def _table(defaults: T, parsers: dict[str, Any], what: str, prefix: str, from_file: Mapping[str, Any],
+           env: Mapping[str, str], overrides: Mapping[str, Any] | None, path: str) -> T:
+    """One table's settings from its sources in order; the last one that sets a value wins."""
+    values: dict[str, Any] = dict(from_file)
+    values.update({k: env[prefix + k.upper()] for k in parsers if prefix + k.upper() in env})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(parsers))
+    if unknown:
+        raise UsageError(f"unknown {what} {unknown[0]!r} (config file {path})",
+                         "see the README for the settings natctl knows")
+    return replace(defaults, **{k: parsers[k](v) for k, v in values.items()})  # type: ignore[type-var]
+
+
+def load(overrides: Mapping[str, Any] | None = None, path: str | None = None,
+         environ: Mapping[str, str] | None = None, tables: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Every setting, from the file at ``path`` (or NATCTL_CONFIG), the environment and options.
+
+    ``overrides`` are the top level's options, ``tables`` each table's (``{"gm": {...}}``).
+    """
     env = os.environ if environ is None else environ
     path = path or env.get("NATCTL_CONFIG", CONFIG_PATH)
-    values: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise NatctlError(f"cannot read config {path}: {err}", "fix the file or remove it") from None
-        doc.pop("gm", None)  # the [gm] table: natctl.gm.model reads it
-        unknown = set(doc) - {f.name for f in fields(Settings)}
-        if unknown:
-            raise UsageError(f"unknown setting {sorted(unknown)[0]!r} in {path}",
-                             "see the README for the settings natctl knows")
-        values.update(doc)
-    for f in fields(Settings):
-        if f"NATCTL_{f.name.upper()}" in env:
-            values[f.name] = env[f"NATCTL_{f.name.upper()}"]
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = Settings()
-    for name, raw in values.items():
-        settings = replace(settings, **{name: PARSERS[name](raw)})
+    doc = _read(path)
+    parsed: dict[str, Any] = {}
+    for name, (parsers, what) in TABLES.items():
+        section = doc.pop(name, {})
+        if not isinstance(section, dict):
+            raise UsageError(f"[{name}] in {path} must be a table", "see the README for the settings natctl knows")
+        default = getattr(Settings(), name)
+        parsed[name] = _table(default, parsers, what, f"NATCTL_{name.upper()}_", section, env,
+                              (tables or {}).get(name), path)
+    settings = _table(Settings(**parsed), PARSERS, "setting", "NATCTL_", doc, env, overrides, path)
     check_ports(settings)
     return settings
 

@@ -16,7 +16,7 @@ import time
 
 from natctl.errors import NatctlError
 from natctl.lab import topology
-from natctl.lab.netns import run, spawn, stop
+from natctl.lab.netns import natctl_argv, run, spawn, stop
 from natctl.lab.traffic import Delivery, payload, send_and_receive, udp_socket
 from natctl.output import table
 
@@ -27,7 +27,7 @@ def natctl(lab: topology.Lab, state: str, *args: str, echo: bool = True) -> str:
     """Run the natctl CLI inside the relay namespace, as a user on the VPS would."""
     if echo:
         print(f"  relay# natctl {' '.join(args)}")
-    proc = run([sys.executable, "-m", "natctl", "--state", state, *args], ns=lab.relay_ns, check=False)
+    proc = run(natctl_argv(state, *args), ns=lab.relay_ns, check=False)
     if proc.returncode != 0:
         raise NatctlError(f"natctl {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -98,7 +98,7 @@ def run_demo(lab: topology.Lab, tmp: str) -> int:
     for s in socks.values():
         s.close()
     table("", ["from", "to", "sent to", "arrived from", "bytes", "payload"],
-          [(d.sender, d.receiver, "%s:%d" % d.sent_to, "%s:%d" % d.seen_from if d.seen_from else "LOST",
+          [(d.sender, d.receiver, _hostport(d.sent_to), _hostport(d.seen_from) if d.seen_from else "LOST",
             d.size, "identical" if d.intact else "WRONG") for d in deliveries])
     # The promise: a client always sees the host as relay:host_port, the host
     # sees each client as relay:client_port.
@@ -135,3 +135,7 @@ def main(keep: bool = False) -> int:
 
         shutil.rmtree(tmp, ignore_errors=True)
         print("Lab removed.")
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}"

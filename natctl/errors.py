@@ -48,3 +48,9 @@ class Busy(NatctlError):
     """Another natctl holds the store or the daemon lock."""
 
     exit_code = 7
+
+
+class StoreError(NatctlError):
+    """The store cannot be used: not a natctl database, or not writable. The file is left as it is."""
+
+    exit_code = 8

@@ -1,4 +1,4 @@
-"""Static forwards (public port -> address:port): part of the service API, mixed into ``Service``.
+"""Static forwards (public port -> address:port), for a session or forever.
 
 Game masters' sessions are forwards too (owner "gm:NAME"), so this is the one
 way forwards are made, listed and removed.
@@ -6,51 +6,45 @@ way forwards are made, listed and removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 from natctl import plan as planner
 from natctl.errors import Conflict, NotFound
-from natctl.model import Endpoint, Forward, Snapshot
-from natctl.store import Store
+from natctl.model import Endpoint, Forward, check_unicast
+from natctl.sync import Reconciler
 from natctl.views import ForwardView
 
-if TYPE_CHECKING:
-    from natctl.service import Service
 
+class Forwards:
+    def __init__(self, rec: Reconciler) -> None:
+        self.rec = rec
 
-class ForwardOps:
-    def _forward_scope(self: "Service", port: int) -> Callable[[Store], frozenset[planner.Element]]:
-        def scope(store: Store) -> frozenset[planner.Element]:
-            fwd = store.forward(port)
-            snap = Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ())
-            return planner.plan(snap, None, self.kernel.owns)
-        return scope
-
-    def forward_add(self: "Service", port: int, target: Endpoint, proto: str = "tcp", ttl: int | None = None,
-                    owner: str = "", apply: bool = True) -> Forward:
-        if port in self.settings.ports or port == self.settings.registration_port:
-            raise Conflict(f"port {port} is reserved for natctl's relay ports ({self.settings.ports}) "
-                           f"or registration ({self.settings.registration_port})", "pick a port outside them")
-        fwd = Forward(port, target, proto, ttl, self.clock(), True, owner)
-        with self._change(apply, self._forward_scope(port)) as store:
-            if store.forward(port) is not None:
-                raise Conflict(f"public port {port} is already forwarded", f"remove it first: natctl forward remove {port}")
-            store.add_forward(fwd)
+    def add(self, port: int, target: Endpoint, proto: str = "tcp", ttl: int | None = None,
+            owner: str = "", apply: bool = True) -> Forward:
+        settings = self.rec.settings
+        if port in settings.ports or port == settings.registration_port:
+            raise Conflict(f"port {port} is reserved for natctl's relay ports ({settings.ports}) "
+                           f"or registration ({settings.registration_port})", "pick a port outside them")
+        # A forward to the relay itself would loop back into natctl's own table.
+        check_unicast(target.ip, "forward target", self.rec.relay_ip)
+        fwd = Forward(port, target, proto, ttl, self.rec.clock(), True, owner)
+        with self.rec.change(self.rec.forward_scope(port), apply) as txn:
+            if txn.store.forward(port) is not None:
+                raise Conflict(f"public port {port} is already forwarded",
+                               f"remove it first: natctl forward remove {port}")
+            txn.store.add_forward(fwd)
         return fwd
 
-    def forward_remove(self: "Service", port: int, apply: bool = True) -> Forward:
-        with self._change(apply, self._forward_scope(port)) as store:
-            fwd = store.forward(port)
+    def remove(self, port: int, apply: bool = True) -> Forward:
+        with self.rec.change(self.rec.forward_scope(port), apply) as txn:
+            fwd = txn.store.forward(port)
             if fwd is None:
                 raise NotFound(f"no forward on port {port}", "see 'natctl forward list'")
-            store.remove_forward(port)
+            txn.store.remove_forward(port)
         return fwd
 
-    def forwards(self: "Service", counters: bool = False) -> list[ForwardView]:
-        installed = self.kernel.read() if counters else None
+    def listing(self, counters: bool = False) -> list[ForwardView]:
+        installed = self.rec.kernel.read() if counters else None
         out = []
-        for f in self.store.forwards():
+        for f in self.rec.store.forwards():
             packets = bytes_ = 0
             ok = False
             if installed is not None:

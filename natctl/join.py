@@ -137,7 +137,7 @@ class Joiner:
         host, port = self.relay
         try:
             r_reader, r_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-        except (OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError) as err:
             why = "refused" if isinstance(err, ConnectionRefusedError) else (str(err) or "timed out")
             self.say(f"tcp #{n} from {peer[0]}:{peer[1]}: cannot reach {host}:{port} ({why}); "
                      "is the GM's session open?")

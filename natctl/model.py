@@ -81,7 +81,7 @@ class Client:
 
     id: int
     lobby_id: int
-    proto: Proto
+    proto: str  # udp or tcp (see PROTOS)
     addr: Endpoint
     relay_port: int
     created: float = 0.0
@@ -141,14 +141,19 @@ def parse_ipv4(text: str) -> str:
         raise UsageError(f"invalid IPv4 address {text!r}", "write it like 198.18.0.1") from None
 
 
+def parse_int(text: str | int, what: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high``, written in ASCII digits (``int()`` alone also takes
+    '١٢', '1_000' and ' 7 ', and no bound protects the store from 20-digit numbers)."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise UsageError(f"invalid {what} {text!r}", f"use a number from {low} to {high}")
+    digits = str(text)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 12 or not low <= int(digits) <= high:
+        raise UsageError(f"invalid {what} {text!r}", f"use a number from {low} to {high}")
+    return int(digits)
+
+
 def parse_port(text: str | int, what: str = "port") -> int:
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"invalid {what} {text!r}", "use a number from 1 to 65535") from None
-    if not 1 <= port <= 65535:
-        raise UsageError(f"invalid {what} {text!r}", "use a number from 1 to 65535")
-    return port
+    return parse_int(text, what, 1, 65535)
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -156,6 +161,31 @@ def parse_endpoint(text: str) -> Endpoint:
     if not sep or not ip:
         raise UsageError(f"invalid address {text!r}", "write IP:PORT, like 198.18.0.7:27015")
     return Endpoint(parse_ipv4(ip), parse_port(port))
+
+
+# Addresses no player, host or forward target can have on the internet.
+_NOT_UNICAST = tuple(ipaddress.IPv4Network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"))
+
+
+def check_unicast(ip: str, what: str, relay_ip: str | None = None) -> None:
+    """Refuse an address a peer cannot have: loopback, 0.0.0.0/8, multicast, broadcast, or the relay itself."""
+    addr = ipaddress.IPv4Address(ip)
+    if any(addr in net for net in _NOT_UNICAST):
+        raise UsageError(f"{what} {ip} is not an address a player or a server can have",
+                         "use the peer's public IPv4 address (not loopback, 0.0.0.0/8, multicast or broadcast)")
+    if relay_ip and ip == relay_ip:
+        raise UsageError(f"{what} {ip} is the relay's own address",
+                         "use the address of the peer as the relay sees it, not the relay's")
+
+
+def check_allowed_network(cidr: str) -> None:
+    """An --allow network must hold unicast addresses (a multicast or loopback network admits no one)."""
+    net = ipaddress.IPv4Network(cidr)
+    for bad in _NOT_UNICAST:
+        if net.overlaps(bad) and net.prefixlen >= bad.prefixlen:
+            raise UsageError(f"--allow {cidr} is not a network of players",
+                             "allow the public networks players come from (loopback, 0.0.0.0/8, multicast "
+                             "and broadcast are refused); use --open to admit anyone")
 
 
 def parse_cidr(text: str) -> str:
@@ -172,13 +202,14 @@ def parse_proto(text: str, allowed: tuple[str, ...] = PROTOS) -> str:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+)([smhd])")
+_DURATION = re.compile(r"([0-9]{1,12})([smhd])")  # ASCII digits only: \d would take '١٢' too
+MAX_DURATION = 3650 * 86400  # ten years: longer is a typo, and it must fit the store
 
 
 def parse_duration(text: str) -> int:
-    """'90s', '15m', '4h', '1d', '1h30m' or plain seconds -> seconds (> 0)."""
+    """'90s', '15m', '4h', '1d', '1h30m' or plain seconds -> seconds (> 0, at most ten years)."""
     text = text.strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) <= 12:
         seconds = int(text)
     else:
         parts = _DURATION.findall(text)
@@ -187,6 +218,8 @@ def parse_duration(text: str) -> int:
         seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise UsageError(f"invalid duration {text!r}", "it must be longer than zero")
+    if seconds > MAX_DURATION:
+        raise UsageError(f"invalid duration {text!r}", "use at most 3650d (ten years)")
     return seconds
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from natctl.errors import Busy, NatctlError
+from natctl.errors import Busy, NatctlError, StoreError
 from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
 
 SCHEMA = """
@@ -90,21 +90,29 @@ class Store:
             os.makedirs(parent, exist_ok=True)
             self.db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as err:
-            raise NatctlError(f"cannot open the store {path}: {err}",
-                              "pass a writable path with --state or run as root") from None
+            raise StoreError(f"cannot open the store {path}: {err}",
+                             "pass a writable path with --state or run as root") from None
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-        except sqlite3.OperationalError as err:
+        except sqlite3.DatabaseError as err:  # also "file is not a database": nothing was written to it
+            self.db.close()
             raise self._busy(err) from None
 
     def _busy(self, err: sqlite3.Error) -> NatctlError:
-        if "locked" in str(err) or "busy" in str(err):
+        text = str(err)
+        if "locked" in text or "busy" in text:
             return Busy(f"the store {self.path} is locked by another natctl",
                         "wait for it to finish, or stop the other natctl")
-        return NatctlError(f"store {self.path}: {err}", "check the file and its permissions")
+        if "not a database" in text or "malformed" in text:
+            return StoreError(f"the store {self.path} is not a natctl database ({text})",
+                              "pass the right file with --state; natctl left this one untouched")
+        if "readonly" in text or "unable to open" in text:
+            return StoreError(f"the store {self.path} cannot be written ({text})",
+                              "make its directory writable, pass another --state, or run as root")
+        return StoreError(f"store {self.path}: {text}", "check the file and its permissions")
 
     def close(self) -> None:
         self.db.close()
@@ -140,7 +148,8 @@ class Store:
     def snapshot_lobby(self, relay_ip: str, lobby_id: int, client: tuple[str, Endpoint] | None = None) -> Snapshot:
         """The part of the snapshot that one lobby's elements depend on (or one client's of it)."""
         q = self.db.execute
-        where, args = "lobby_id=?", [lobby_id]
+        where = "lobby_id=?"
+        args: list[object] = [lobby_id]
         if client is not None:
             where += " AND proto=? AND ip=? AND port=?"
             args += [client[0], client[1].ip, client[1].port]
@@ -231,9 +240,9 @@ class Store:
             "INSERT INTO lobbies (name, allow, ttl, created, token_hash, open, max_clients) VALUES (?,?,?,?,?,?,?)",
             (lobby.name, json.dumps(list(lobby.allow)), lobby.ttl, lobby.created or time.time(),
              lobby.token_hash, int(lobby.open), lobby.max_clients))
-        lobby = self.lobby_by_id(cur.lastrowid or 0)
-        assert lobby is not None
-        return lobby
+        added = self.lobby_by_id(cur.lastrowid or 0)
+        assert added is not None
+        return added
 
     def close_lobby(self, lobby_id: int, when: float) -> None:
         self.db.execute("DELETE FROM clients WHERE lobby_id=?", (lobby_id,))

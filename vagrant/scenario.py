@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Play the GM scenario on the Vagrant VMs: the same story, step for step, that the kernel tests
-play on network namespaces (natctl/lab/gm_scenario.py).
+play on network namespaces (tests/support/gm_scenario.py).
 
     cd vagrant && vagrant up && python3 scenario.py
 
@@ -22,9 +22,9 @@ import time
 from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from natctl.lab import gm_scenario  # noqa: E402
+from support import gm_scenario  # noqa: E402
 
 RELAY_IP = "192.168.56.10"
 VENV = "/opt/natctl/.venv/bin"
@@ -55,7 +55,7 @@ class VmProc:
 
 
 class VagrantMachines:
-    """``Machines`` (see natctl/lab/gm_scenario.py) over the Vagrant VMs."""
+    """``Machines`` (see tests/support/gm_scenario.py) over the Vagrant VMs."""
 
     relay_ip = RELAY_IP
     vpn_subnet = "10.77.0.0/24"  # natctl's default

@@ -8,13 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from natctl import __version__
-from natctl.cli import bench, daemon, forward, lobby, maps
-from natctl.cli import gm
+from natctl.cli import bench, daemon, forward, gm, lobby, maps
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
 
-app = typer.Typer(rich_markup_mode=None, 
+app = typer.Typer(rich_markup_mode=None,
     name="natctl",
     help="Relay game traffic through the kernel: many lobbies on one public IP.\n\n"
     "Start with 'natctl demo' to see it work in a throwaway network of namespaces.",

@@ -14,9 +14,11 @@ NoApplyOpt = Annotated[bool, typer.Option("--no-apply", help="Change the store o
 
 
 def settings(ctx: typer.Context, **extra: Any) -> config.Settings:
-    """Settings from the config file, NATCTL_* variables, global options and ``extra`` (a command's own)."""
+    """Settings from the config file, NATCTL_* variables, global options and ``extra`` (a command's own).
+
+    Tables' options (``natctl gm --subnet ...``) are kept in ``obj["tables"]`` by their group's callback."""
     obj: dict[str, Any] = ctx.find_root().obj
-    return config.load({**obj["overrides"], **extra}, obj.get("config"))
+    return config.load({**obj["overrides"], **extra}, obj.get("config"), tables=obj.get("tables"))
 
 
 def service(ctx: typer.Context) -> Service:

@@ -40,18 +40,16 @@ def options(
 ) -> None:
     """Settings: the [gm] table of /etc/natctl/natctl.toml, then NATCTL_GM_* variables, then these options."""
     ctx.obj = ctx.obj or {}
-    ctx.obj["gm_overrides"] = {k: v for k, v in dict(
+    ctx.obj.setdefault("tables", {})["gm"] = {k: v for k, v in dict(
         vpn=vpn, interface=interface, subnet=subnet, listen_port=listen_port, ports=ports, endpoint=endpoint,
         openvpn_ccd=openvpn_ccd, openvpn_pki=openvpn_pki, openvpn_status=openvpn_status).items() if v is not None}
 
 
 def gms(ctx: typer.Context) -> GmService:
-    """The GM service over the invocation's Service, with the GM settings (imported late: startup time)."""
-    from natctl.gm.model import load_settings
+    """The GM service over the invocation's reconciler; its settings are the [gm] table (imported late: startup time)."""
     from natctl.gm.service import GmService
 
-    return GmService(service(ctx), load_settings(ctx.find_root().obj.get("gm_overrides"),
-                                                          path=ctx.find_root().obj.get("config")))
+    return GmService(service(ctx).rec)
 
 
 def _deliver(out: str | None) -> Callable[[str], None]:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
-from natctl.model import format_duration, parse_cidr, parse_duration, parse_name
+from natctl.model import format_duration, parse_cidr, parse_duration, parse_int, parse_name
 from natctl.output import emit_json, table, when
 
 app = typer.Typer(rich_markup_mode=None, help="Create, close and list lobbies.", no_args_is_help=True)
@@ -20,14 +20,15 @@ def create(
     allow: Annotated[Optional[list[str]], typer.Option("--allow", help="Client network allowed in (CIDR); repeatable.")] = None,
     ttl: Annotated[Optional[str], typer.Option(help="Close the lobby after this long, e.g. 4h.")] = None,
     open_: Annotated[bool, typer.Option("--open", help="Admit clients from anywhere (up to --max-clients).")] = False,
-    max_clients: Annotated[int, typer.Option(help="Most clients the lobby admits.")] = 64,
+    max_clients: Annotated[str, typer.Option(metavar="N", help="Most clients the lobby admits, 1 to 65535.")] = "64",
     as_json: JsonOpt = False,
     no_apply: NoApplyOpt = False,
 ) -> None:
     """Create a lobby and print its registration token (shown only once)."""
     nets = tuple(parse_cidr(a) for a in allow or ())
     seconds = parse_duration(ttl) if ttl else None
-    lobby, token = service(ctx).lobby_create(parse_name(name, "lobby name"), nets, seconds, open_, max_clients,
+    most = parse_int(max_clients, "--max-clients", 1, 65535)
+    lobby, token = service(ctx).lobby_create(parse_name(name, "lobby name"), nets, seconds, open_, most,
                                              apply=not no_apply)
     if as_json:
         emit_json({"name": lobby.name, "id": lobby.id, "token": token, "allow": list(nets), "ttl": seconds,

@@ -28,7 +28,7 @@ def register(sock: socket.socket, relay: tuple[str, int], token: str, tries: int
                 sock.settimeout(left)
                 try:
                     data, src = sock.recvfrom(2048)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     break
                 if src != relay:
                     continue  # game traffic may share the socket

@@ -13,16 +13,16 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from natctl.admission import NotAllowed
 from natctl.config import Settings
 from natctl.daemon import metrics, wire
 from natctl.daemon.log import log
 from natctl.daemon.ratelimit import RateLimiter
 from natctl.errors import Busy, Conflict, NatctlError, NotFound
-from natctl.kernel.nft import DELIVERY_MARK, block
 from natctl.model import Endpoint
-from natctl.relayops import NotAllowed
 from natctl.service import Service
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -99,9 +99,18 @@ class HostPort(asyncio.DatagramProtocol):
         self.daemon.admit(self.port, data, addr)
 
 
+# Sends a client's packet to the host (client port, host "ip:port", payload); see Daemon.deliver.
+Sender = Callable[[int, str, bytes], None]
+
+
 class Daemon:
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: Service, worker: Callable[[], Service] | None = None,
+                 send: Sender | None = None) -> None:
+        """``worker`` makes the cleanup thread's own Service (its own store connection);
+        ``send`` replaces the kernel-marked delivery socket (unit tests run without root)."""
         self.svc = svc
+        self._make_worker = worker or (lambda: Service(svc.settings))
+        self._send = send or self._send_marked
         self.loop = asyncio.get_running_loop()
         self.host_ports: dict[int, asyncio.BaseTransport] = {}
         # Cleanup runs in its own thread with its own store connection, so a
@@ -113,7 +122,7 @@ class Daemon:
 
     def refresh_host_ports(self) -> None:
         """Listen on exactly the host relay ports of open lobbies."""
-        wanted = set(self.svc.store.host_ports())
+        wanted = set(self.svc.host_ports())
         for port in set(self.host_ports) - wanted:
             self.host_ports.pop(port).close()
         for port in wanted - set(self.host_ports) - self._opening:
@@ -134,7 +143,7 @@ class Daemon:
         """Admit a sender on its first packet and deliver that packet (and any queued after it)."""
         start = time.perf_counter()
         try:
-            m = self.svc.admit_client(host_port, Endpoint(addr[0], addr[1]))
+            admitted = self.svc.admit_client(host_port, Endpoint(addr[0], addr[1]))
         except NotAllowed as err:
             metrics.REJECTIONS.labels("not_allowed").inc()
             log("rejected", source=f"{addr[0]}:{addr[1]}", host_port=host_port, reason=err.message)
@@ -149,32 +158,38 @@ class Daemon:
             return
         took = time.perf_counter() - start
         metrics.SYNC_SECONDS.observe(took)
+        m = admitted.mapping
         self.deliver(m.client_port, m.host, data)
-        if self.svc.last_sync.added:  # a new client, not a packet queued behind its admission
+        if admitted.new:  # a new client, not a packet queued behind its admission
             metrics.ADMISSIONS.inc()
             log("admitted", lobby=m.lobby, client=m.client, client_port=m.client_port, host_port=host_port,
                 ms=round(took * 1000, 2))
 
     def deliver(self, client_port: int, host: str, data: bytes) -> None:
-        """Send a client's packet to the host from relay:client_port, outside conntrack (nft.DELIVERY_MARK)."""
+        """Hand a client's first packet to the host, as the kernel will hand the next ones."""
+        self._send(client_port, host, data)
+        metrics.DELIVERED.inc()
+
+    def _send_marked(self, client_port: int, host: str, data: bytes) -> None:
+        """From relay:client_port, outside conntrack (the kernel's delivery mark), so the
+        client's own flow still finds its tuple free."""
         ip, _, port = host.rpartition(":")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, SO_MARK, DELIVERY_MARK)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.svc.kernel.delivery_mark)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((self.svc.relay_ip, client_port))
             s.sendto(data, (ip, int(port)))
-        metrics.DELIVERED.inc()
 
     def _block(self, ip: str, host_port: int) -> None:
         try:
-            block(ip, host_port)
+            self.svc.block(ip, host_port)
         except NatctlError as err:
             log("block_failed", source=ip, error=str(err))
 
     def _cleanup(self) -> dict:
         """Scoped cleanup every interval; now and then a full reconcile, which repairs any drift."""
         if self._worker_svc is None:
-            self._worker_svc = Service(self.svc.settings)
+            self._worker_svc = self._make_worker()
         gone = self._worker_svc.cleanup()
         if time.monotonic() >= self._next_verify:
             self._next_verify = time.monotonic() + VERIFY_SECONDS
@@ -193,7 +208,7 @@ class Daemon:
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self.refresh_host_ports()
                 metrics.MAPPINGS.set(self.svc.store.count_clients())

@@ -1,4 +1,4 @@
-"""Game masters behind one public IP (situation 2 of DESIGN.md).
+"""Game masters behind one public IP (see "Game masters on one IP" in the README).
 
 Each GM gets a fixed address inside a VPN that natctl manages (WireGuard, or
 OpenVPN through ccd files) and a public port P. A session is a static forward

@@ -1,107 +1,16 @@
-"""GM data, settings and the address/port pool (pure: no I/O but reading a settings file)."""
+"""GM data and the address/port pool (pure: no I/O). Their settings are the [gm] table (natctl.config)."""
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from natctl.config import CONFIG_PATH
-from natctl.errors import Conflict, Exhausted, NatctlError, UsageError
-from natctl.model import PortRange, parse_cidr, parse_port, parse_port_range
+from natctl.config import VPNS, GmSettings
+from natctl.errors import Conflict, Exhausted, UsageError
+from natctl.model import PortRange
 
-VPNS = ("wireguard", "openvpn")
+__all__ = ["VPNS", "GmSettings", "Gm", "Tunnel", "check_ports", "next_address", "pick_port"]
 OWNER = "gm:"  # forwards owned by "gm:NAME" are that GM's session
-
-
-@dataclass(frozen=True)
-class GmSettings:
-    vpn: str = "wireguard"
-    interface: str = "natctl-wg"  # WireGuard interface natctl owns; unique on the machine
-    subnet: str = "10.77.0.0/24"  # the relay takes the first address, GMs the next ones
-    listen_port: int = 0  # 0: 51820 for WireGuard, 1194 for OpenVPN
-    ports: PortRange = PortRange(1802, 1901)  # public ports handed to GMs
-    endpoint: str = ""  # host GMs dial; empty: the relay IP
-    key_file: str = ""  # WireGuard server key; empty: IFACE.key beside the store
-    handshake_timeout: int = 180  # seconds: WireGuard renews every 2 minutes while up
-    openvpn_ccd: str = "/etc/openvpn/server/ccd"
-    openvpn_pki: str = "/etc/openvpn/server/easy-rsa/pki"
-    openvpn_status: str = "/run/openvpn-server/status-server.log"
-    openvpn_tls_crypt: str = ""
-
-    @property
-    def port(self) -> int:
-        """The VPN's own UDP port on the relay."""
-        return self.listen_port or (51820 if self.vpn == "wireguard" else 1194)
-
-    @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.subnet)
-
-    @property
-    def relay_address(self) -> str:
-        """The relay's own address inside the VPN (GMs' replies go there)."""
-        return str(next(self.network.hosts()))
-
-
-def _interface(name: str) -> str:
-    # Linux interface names: at most 15 bytes, no '/' or spaces; wg-quick is stricter still.
-    if not (1 <= len(name) <= 15) or not all(c.isalnum() or c in "_=+.-" for c in name):
-        raise UsageError(f"invalid interface name {name!r}", "use 1-15 letters, digits or _=+.-")
-    return name
-
-
-def _subnet(text: str) -> str:
-    net = ipaddress.IPv4Network(parse_cidr(text))
-    if net.num_addresses < 4:
-        raise UsageError(f"VPN subnet {net} is too small", "use a /30 or larger (a /24 holds 253 GMs)")
-    return str(net)
-
-
-def _choice(text: str) -> str:
-    if text not in VPNS:
-        raise UsageError(f"invalid VPN {text!r}", "use wireguard or openvpn")
-    return text
-
-
-PARSERS: dict[str, Any] = {
-    "vpn": _choice,
-    "interface": _interface,
-    "subnet": _subnet,
-    "listen_port": lambda v: parse_port(v, "VPN listen port") if v not in (0, "0", "") else 0,
-    "ports": lambda v: v if isinstance(v, PortRange) else parse_port_range(str(v)),
-    "endpoint": str,
-    "key_file": str,
-    "handshake_timeout": int,
-    "openvpn_ccd": str,
-    "openvpn_pki": str,
-    "openvpn_status": str,
-    "openvpn_tls_crypt": str,
-}
-
-
-def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-                  path: str | None = None) -> GmSettings:
-    """Defaults < the [gm] table of natctl's config file < NATCTL_GM_* variables < options."""
-    env = os.environ if environ is None else environ
-    path = path or env.get("NATCTL_CONFIG", CONFIG_PATH)
-    known = {f.name for f in fields(GmSettings)}
-    values: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as fh:
-                values.update(tomllib.load(fh).get("gm", {}))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise NatctlError(f"cannot read GM config {path}: {err}", "fix the file or remove it") from None
-    values.update({k: env[f"NATCTL_GM_{k.upper()}"] for k in known if f"NATCTL_GM_{k.upper()}" in env})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = set(values) - known
-    if unknown:
-        raise UsageError(f"unknown GM setting {sorted(unknown)[0]!r}", "see 'Game masters on one IP' in the README")
-    return replace(GmSettings(), **{k: PARSERS[k](v) for k, v in values.items()})
 
 
 def check_ports(gm: GmSettings, relay_ports: PortRange, registration_port: int) -> None:

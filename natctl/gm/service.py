@@ -1,10 +1,11 @@
 """The GM API: add and remove GMs (store row and VPN peer together), open and close sessions.
 
-A GM row and its VPN peer (or ccd file) change in one step: the row is written
-inside the store's write transaction, the VPN is made to match the rows, and
-the transaction commits only if that worked; on any failure the VPN is put
-back to the rows that remain. A session is a forward made through
-``Service.forward_add`` (owner ``gm:NAME``), so ``cleanup`` ends it on time.
+A GM row and its VPN peer (or ccd file) change in one step through the
+Reconciler: the row is written inside its store transaction, the VPN is made
+to match the rows (an ``Effect``), and the transaction commits only if that
+worked; on any failure the VPN is put back to the rows that remain. A session
+is a forward (owner ``gm:NAME``) made through ``natctl.forwards``, so
+``cleanup`` ends it on time.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from natctl.errors import Conflict, KernelError, NotFound
+from natctl.forwards import Forwards
 from natctl.gm.model import OWNER, Gm, GmSettings, Tunnel, check_ports, next_address, pick_port
 from natctl.gm.openvpn import OpenVpn
 from natctl.gm.store import GmStore
 from natctl.gm.wireguard import WireGuard
 from natctl.model import Endpoint, Forward
-from natctl.service import Service
+from natctl.store import Store
+from natctl.sync import Reconciler
 
 DEFAULT_SESSION = 4 * 3600
 
@@ -50,12 +53,31 @@ class GmView:
     endpoint: str | None  # where the GM's tunnel comes from, as the relay sees it
 
 
+class VpnPeers:
+    """The VPN made to match the GM rows, as part of a Reconciler change (see natctl.sync.Effect)."""
+
+    def __init__(self, vpn: WireGuard | OpenVpn, gms: GmStore, then: Callable[[], None] | None = None) -> None:
+        self.vpn, self.gms, self.then = vpn, gms, then
+
+    def apply(self, store: Store) -> None:
+        self.vpn.sync(self.gms.all())
+        if self.then is not None:
+            self.then()
+
+    def undo(self, store: Store) -> None:
+        # The VPN may hold a peer the rolled-back rows do not: match them again.
+        with contextlib.suppress(Exception):
+            self.vpn.sync(self.gms.all())
+
+
 class GmService:
-    def __init__(self, svc: Service, settings: GmSettings) -> None:
-        check_ports(settings, svc.settings.ports, svc.settings.registration_port)
-        self.svc, self.settings = svc, settings
+    def __init__(self, rec: Reconciler, settings: GmSettings | None = None) -> None:
+        """GMs over ``rec``'s store and kernel, with ``settings`` (default: the [gm] table of rec's settings)."""
+        settings = settings or rec.settings.gm
+        check_ports(settings, rec.settings.ports, rec.settings.registration_port)
+        self.rec, self.forwards, self.settings = rec, Forwards(rec), settings
         self._gms: GmStore | None = None
-        key_file = settings.key_file or os.path.join(os.path.dirname(os.path.abspath(svc.settings.state)),
+        key_file = settings.key_file or os.path.join(os.path.dirname(os.path.abspath(rec.settings.state)),
                                                      f"{settings.interface}.key")
         self.vpn: WireGuard | OpenVpn = (WireGuard(settings, key_file) if settings.vpn == "wireguard"
                                          else OpenVpn(settings))
@@ -63,25 +85,15 @@ class GmService:
     @property
     def gms(self) -> GmStore:
         if self._gms is None:
-            self._gms = GmStore(self.svc.store)
+            self._gms = GmStore(self.rec.store)
         return self._gms
 
     @contextlib.contextmanager
     def _change(self, then: Callable[[], None] | None = None) -> Iterator[GmStore]:
-        """Rows, then the VPN made to match them, then ``then``; commit only if all worked."""
-        gms, touched = self.gms, False
-        try:
-            with self.svc.store.write():
-                yield gms
-                touched = True
-                self.vpn.sync(gms.all())
-                if then is not None:
-                    then()
-        except BaseException:
-            if touched:  # the VPN may hold a peer the rolled-back rows do not: match them again
-                with contextlib.suppress(Exception):
-                    self.vpn.sync(gms.all())
-            raise
+        """Rows, then the VPN made to match them, then ``then``; commit only if all worked (no kernel part)."""
+        gms = self.gms  # made before the transaction: creating its table would commit it
+        with self.rec.change(apply=False, effect=VpnPeers(self.vpn, gms, then)):
+            yield gms
 
     def _check_rows(self, rows: list[Gm]) -> None:
         """Stored GMs must fit the VPN settings this natctl runs with."""
@@ -98,7 +110,7 @@ class GmService:
         return gm
 
     def _sessions(self) -> dict[str, Forward]:
-        return {f.owner[len(OWNER):]: f for f in self.svc.store.forwards() if f.owner.startswith(OWNER)}
+        return {f.owner[len(OWNER):]: f for f in self.rec.store.forwards() if f.owner.startswith(OWNER)}
 
     # --- GMs
 
@@ -120,13 +132,13 @@ class GmService:
             if gms.get(name) is not None:
                 raise Conflict(f"a GM named {name!r} already exists",
                                f"pick another name, or remove it first: natctl gm remove {name}")
-            taken = {g.port for g in rows} | {f.port for f in self.svc.store.forwards()}
+            taken = {g.port for g in rows} | {f.port for f in self.rec.store.forwards()}
             chosen = pick_port(self.settings, taken, port)
             address = next_address(self.settings, (g.address for g in rows))
             identity = self.vpn.identity(name)
-            gm = Gm(name, self.settings.vpn, address, chosen, identity.public_key, self.svc.clock())
+            gm = Gm(name, self.settings.vpn, address, chosen, identity.public_key, self.rec.clock())
             self.vpn.ensure_up()
-            config = self.vpn.client_config(gm, identity, self.svc.relay_ip)
+            config = self.vpn.client_config(gm, identity, self.rec.relay_ip)
             gms.add(gm)
         return self._view(gm, None, Tunnel("down")), config
 
@@ -135,7 +147,7 @@ class GmService:
         gm = self._gm(name)
         session = self._sessions().get(name)
         if session is not None:
-            self.svc.forward_remove(session.port)
+            self.forwards.remove(session.port)
         with self._change() as gms:
             gms.remove(name)
         return gm
@@ -144,14 +156,14 @@ class GmService:
         rows = self.gms.all()
         sessions = self._sessions()
         try:
-            tunnels = self.vpn.tunnels(rows, self.svc.clock())
+            tunnels = self.vpn.tunnels(rows, self.rec.clock())
         except KernelError:  # e.g. not root: the control socket is root's
             tunnels = {}
         return [self._view(g, sessions.get(g.name), tunnels.get(g.name, Tunnel("unknown"))) for g in rows]
 
     def _view(self, gm: Gm, session: Forward | None, tunnel: Tunnel) -> GmView:
-        live = session is not None and not session.expired(self.svc.clock())
-        return GmView(gm.name, gm.vpn, gm.address, gm.port, f"{self.svc.relay_ip}:{gm.port}", gm.public_key,
+        live = session is not None and not session.expired(self.rec.clock())
+        return GmView(gm.name, gm.vpn, gm.address, gm.port, f"{self.rec.relay_ip}:{gm.port}", gm.public_key,
                       gm.created, live, session.target.port if live and session else None,
                       session.proto if live and session else None,
                       session.created + session.ttl if live and session and session.ttl else None,
@@ -174,7 +186,7 @@ class GmService:
     def open(self, name: str, ttl: int = DEFAULT_SESSION, game_port: int = 1802, proto: str = "tcp") -> GmView:
         """Forward the GM's public port to its VPN address for ``ttl`` seconds."""
         gm = self._gm(name)
-        now = self.svc.clock()
+        now = self.rec.clock()
         session = self._sessions().get(name)
         if session is not None and not session.expired(now):
             raise Conflict(f"GM {name} already has a session on port {session.port}",
@@ -184,8 +196,8 @@ class GmService:
             raise TunnelDown(f"GM {name}'s tunnel is down", tunnel.problem)
         _need_forwarding()
         if session is not None:  # expired, not yet cleaned up: its port is this GM's to reuse
-            self.svc.forward_remove(session.port)
-        fwd = self.svc.forward_add(gm.port, Endpoint(gm.address, game_port), proto, ttl, owner=OWNER + name)
+            self.forwards.remove(session.port)
+        fwd = self.forwards.add(gm.port, Endpoint(gm.address, game_port), proto, ttl, owner=OWNER + name)
         return self._view(gm, fwd, tunnel)
 
     def close(self, name: str) -> Forward:
@@ -193,7 +205,7 @@ class GmService:
         session = self._sessions().get(name)
         if session is None:
             raise NotFound(f"GM {name} has no open session", f"open one: natctl gm open {name}")
-        return self.svc.forward_remove(session.port)
+        return self.forwards.remove(session.port)
 
 
 def _need_forwarding() -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -20,6 +21,19 @@ def need(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
         raise NatctlError(f"missing program(s): {', '.join(missing)}", "run 'make setup' to install them")
+
+
+def natctl_argv(state: str, *args: str, ns: str | None = None, relay_ip: str | None = None,
+                python: Sequence[str] = (sys.executable,)) -> list[str]:
+    """The command line that runs natctl's CLI (inside ``ns``) on its own store.
+
+    The one way labs, the demo, the tests and the bench start natctl: as a user
+    on the relay would, a new process each time.
+    """
+    argv = [*python, "-m", "natctl", "--state", state]
+    if relay_ip:
+        argv += ["--relay-ip", relay_ip]
+    return (["ip", "netns", "exec", ns] if ns else []) + argv + list(args)
 
 
 def run(argv: Sequence[str], ns: str | None = None, check: bool = True, input: str | None = None,

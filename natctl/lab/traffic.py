@@ -48,7 +48,7 @@ def send_and_receive(sender: socket.socket, receiver: socket.socket, to: tuple[s
     sender.sendto(data, to)
     try:
         got, src = receiver.recvfrom(65535)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return Delivery(sender_name, receiver_name, to, None, len(data), False)
     return Delivery(sender_name, receiver_name, to, src, len(data), got == data)
 

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from conftest import Cli
-from natctl.lab.netns import run
-from natctl.lab.unprivileged import NOBODY, python
+from natctl.lab.netns import natctl_argv, run
+from support.cli import Cli
+from support.unprivileged import NOBODY, python
 
 pytestmark = pytest.mark.kernel
 
@@ -38,8 +38,8 @@ def refused(cli, lab, code: int, match: str, *args: str, env: dict | None = None
     before = (store_state(cli), kernel_state(lab))
     if prefix:
         argv, extra = python()
-        proc = subprocess.run(["ip", "netns", "exec", cli.ns, *prefix, *argv, "-m", "natctl", "--state", cli.state,
-                               *args], capture_output=True, text=True, timeout=30, env={**os.environ, **dict(extra)})
+        proc = subprocess.run(natctl_argv(cli.state, *args, ns=cli.ns, python=[*prefix, *argv]), capture_output=True,
+                              text=True, timeout=30, env={**os.environ, **dict(extra)})
     else:
         proc = cli(*args, check=False, env=env)
     lines = proc.stderr.strip().splitlines()

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from natctl.daemon import wire
 from natctl.daemon.client import register
 from natctl.errors import NatctlError
-from natctl.lab.netns import run, spawn, stop
+from natctl.lab.netns import natctl_argv, run, spawn, stop
 from natctl.lab.traffic import drain, udp_socket
 
 pytestmark = pytest.mark.kernel
@@ -38,11 +37,10 @@ class Daemon:
                     out.append(rec)
         return out
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         started = len(self.events("started")) if os.path.exists(self.log) else 0
         with open(self.log, "ab") as out:
-            self.proc = spawn([sys.executable, "-m", "natctl", "--state", self.state, "serve", *self.args],
-                              ns=self.lab.relay_ns, stdout=out, stderr=out,
+            self.proc = spawn(natctl_argv(self.state, "serve", *self.args), ns=self.lab.relay_ns, stdout=out, stderr=out,
                               env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
         deadline = time.monotonic() + 10
         while len(self.events("started")) == started:
@@ -255,8 +253,7 @@ def test_a_second_daemon_refuses_to_start_and_sigterm_keeps_mappings(lab, relay,
     relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
     game["client1"].sendto(b"in", (relay_ip, host_port))
     assert len(collect(game["host"], 1)) == 1
-    second = subprocess.run(["ip", "netns", "exec", lab.relay_ns, sys.executable, "-m", "natctl", "--state",
-                             relay.state, "serve"], capture_output=True, text=True, timeout=20,
+    second = subprocess.run(natctl_argv(relay.state, "serve", ns=lab.relay_ns), capture_output=True, text=True, timeout=20,
                             env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
     assert second.returncode == 7 and "another natctl serve is running" in second.stderr
     assert daemon.stop() == 0  # SIGTERM: a clean stop, mappings stay

@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 
-from conftest import Cli
 from natctl.gm.wireguard import socket_path, stale_socket
-from natctl.lab import gm_lab, gm_scenario
 from natctl.lab.netns import run
+from support import gm_lab, gm_scenario
+from support.cli import Cli
 
 pytestmark = pytest.mark.kernel
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from natctl.lab import gm_scenario, topology
-from natctl.lab.netns import run, spawn, stop
+from natctl.lab import topology
+from natctl.lab.netns import natctl_argv, run, spawn, stop
 from natctl.lab.traffic import tcp_connect
+from support import gm_scenario
 
 pytestmark = pytest.mark.kernel
 SUBNET = "198.18.252.0/24"
@@ -61,9 +61,8 @@ def test_openvpn_ccd_profile_and_session(lab, tmp_path):
            "NATCTL_GM_OPENVPN_PKI": str(pki), "NATCTL_GM_OPENVPN_STATUS": str(status)}
 
     def natctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["ip", "netns", "exec", lab.relay_ns, sys.executable, "-m", "natctl", "--state",
-                               str(tmp_path / "natctl.db"), *args], capture_output=True, text=True, env=env,
-                              timeout=60)
+        proc = subprocess.run(natctl_argv(str(tmp_path / "natctl.db"), *args, ns=lab.relay_ns), capture_output=True,
+                              text=True, env=env, timeout=60)
         assert not check or proc.returncode == 0, proc.stderr
         return proc
 

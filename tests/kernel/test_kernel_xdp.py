@@ -1,7 +1,7 @@
 """The XDP accelerator in the lab: the relay's single interface, real UDP, the CLI as users run it.
 
 The lab gives the relay's link peer an XDP_PASS program and turns tx checksum
-offload off on the endpoints (natctl.lab.xdp, see DESIGN), then natctl runs
+offload off on the endpoints (natctl.lab.xdp says why), then natctl runs
 with --accel xdp in native mode. Counters prove who forwarded what: XDP's
 per-mapping counts, and nftables' snat4 counters that stay at zero.
 """
@@ -14,15 +14,13 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import Cli
-from test_kernel_nft import add, pub, socks  # noqa: F401 (socks is a fixture)
-from test_kernel_nft import test_lobbies_are_isolated as lobbies_isolated
-from test_kernel_nft import test_udp_both_ways_payload_and_addresses as udp_both_ways
 
 from natctl.kernel.nft import parse_listing
 from natctl.lab import xdp as labxdp
 from natctl.lab.netns import entered, run
 from natctl.lab.traffic import payload, send_and_receive
+from support.cli import Cli
+from support.scenarios import add, lobbies_isolated, pub, udp_both_ways
 
 pytestmark = pytest.mark.kernel
 
@@ -64,12 +62,12 @@ def nft_acct(lab) -> dict:
     return {k[1]: v for k, v in parse_listing(doc).counters.items() if k[0] == "snat4"}
 
 
-def counts(relay, lab, socks, client):  # noqa: F811
+def counts(relay, lab, socks, client):
     m = next(m for m in relay.json("status")["mappings"] if m["client"] == pub(lab, socks, client))
     return m["to_host_packets"], m["to_client_packets"], m["xdp_to_host_packets"], m["xdp_to_client_packets"]
 
 
-def test_udp_both_ways_forwarded_by_xdp(xlab, xrelay, socks):  # noqa: F811
+def test_udp_both_ways_forwarded_by_xdp(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     assert labxdp.resolve_gateway(lab) != "NONE"
     udp_both_ways(lab, relay, socks)  # the nftables test, unchanged: payloads, addresses, packet counts
@@ -80,7 +78,7 @@ def test_udp_both_ways_forwarded_by_xdp(xlab, xrelay, socks):  # noqa: F811
     assert nft_acct(lab) and all(v == (0, 0) for v in nft_acct(lab).values())  # nftables never saw them
 
 
-def test_until_the_neighbour_is_known_nftables_forwards(xlab, xrelay, socks):  # noqa: F811
+def test_until_the_neighbour_is_known_nftables_forwards(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     relay("lobby", "create", "a")
     m = add(relay, lab, socks, "a", "host", "client1")
@@ -93,13 +91,13 @@ def test_until_the_neighbour_is_known_nftables_forwards(xlab, xrelay, socks):  #
     assert sum(p for p, _ in nft_acct(lab).values()) == 1
 
 
-def test_lobbies_stay_isolated(xlab, xrelay, socks):  # noqa: F811
+def test_lobbies_stay_isolated(xlab, xrelay, socks):
     labxdp.resolve_gateway(xlab)
     lobbies_isolated(xlab, xrelay, socks)  # the nftables test, unchanged
     assert counts(xrelay, xlab, socks, "client2")[2] == 1  # lobby b's datagram went through XDP
 
 
-def test_detach_leaves_nftables_and_apply_reattaches_idempotently(xlab, xrelay, socks):  # noqa: F811
+def test_detach_leaves_nftables_and_apply_reattaches_idempotently(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     relay("lobby", "create", "a")
     m = add(relay, lab, socks, "a", "host", "client1")
@@ -120,7 +118,7 @@ def test_detach_leaves_nftables_and_apply_reattaches_idempotently(xlab, xrelay, 
     assert counts(relay, lab, socks, "client1")[::2] == (2, 1)  # the new program's count starts over
 
 
-def test_removing_a_mapping_stops_xdp_at_once(xlab, xrelay, socks):  # noqa: F811
+def test_removing_a_mapping_stops_xdp_at_once(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     relay("lobby", "create", "a")
     m = add(relay, lab, socks, "a", "host", "client1")
@@ -131,7 +129,7 @@ def test_removing_a_mapping_stops_xdp_at_once(xlab, xrelay, socks):  # noqa: F81
     assert send_and_receive(socks["client1"], socks["host"], to_host, b"after", timeout=0.5).seen_from is None
 
 
-def test_uninstall_detaches_and_none_never_leaves_a_program(xlab, xrelay, socks):  # noqa: F811
+def test_uninstall_detaches_and_none_never_leaves_a_program(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     relay("lobby", "create", "a")
     add(relay, lab, socks, "a", "host", "client1")
@@ -145,7 +143,7 @@ def test_uninstall_detaches_and_none_never_leaves_a_program(xlab, xrelay, socks)
     assert xdp_on_eth0(lab) == ""
 
 
-def test_auto_uses_generic_mode_on_veth(xlab, xrelay, socks):  # noqa: F811
+def test_auto_uses_generic_mode_on_veth(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     auto = {"NATCTL_XDP_MODE": "auto"}
     relay("lobby", "create", "a", accel="auto", env=auto)
@@ -161,7 +159,7 @@ def test_auto_uses_generic_mode_on_veth(xlab, xrelay, socks):  # noqa: F811
     assert counts(relay, lab, socks, "client1")[::2] == (1, 1)
 
 
-def test_xdp_that_cannot_attach_warns_once_and_nftables_carries_on(xlab, xrelay, socks):  # noqa: F811
+def test_xdp_that_cannot_attach_warns_once_and_nftables_carries_on(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     proc = relay("--interface", "nosuch0", "lobby", "create", "a")
     assert proc.stderr.count("\n") == 1 and "XDP accelerator off" in proc.stderr

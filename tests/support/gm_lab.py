@@ -12,14 +12,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 
 from natctl.gm.wireguard import socket_path, stale_socket
 from natctl.lab import topology
-from natctl.lab.netns import need, run, stop
-from natctl.lab.unprivileged import NOBODY, python  # players need no admin rights
+from natctl.lab.netns import natctl_argv, need, run, stop
+from support.unprivileged import NOBODY, python  # players need no admin rights
 
 SITES = {"home-gm1": ["gm1"], "home-gm2": ["gm2"], "home-players": ["player1", "player2"]}
 VPN_SUBNET = "198.18.250.0/24"
@@ -85,7 +84,7 @@ class NetnsMachines:
         return proc
 
     def natctl(self) -> list[str]:
-        return [sys.executable, "-m", "natctl", "--state", self.state]
+        return natctl_argv(self.state)
 
     def python(self) -> list[str]:
         return list(python()[0])  # one that uid 65534 can run, wherever the checkout is

@@ -1,6 +1,6 @@
 """The game-master scenario, described once and run on two kinds of machines.
 
-The kernel tests run it on network namespaces (natctl.lab.gm_lab), and
+The kernel tests run it on network namespaces (tests/support/gm_lab.py), and
 vagrant/scenario.py runs it on the Vagrant VMs, through the same ``Machines``
 interface: run a command on a named machine, start one in the background.
 
@@ -8,18 +8,18 @@ The story: two GMs behind home routers add themselves on the relay and dial
 its VPN; each hosts a table on TCP 1802 that greets with its name. Two players
 reach them at the same time through one public IP, one through ``natctl join``.
 Closing GM1's session cuts GM1 only, and a short session is gone after the
-next cleanup. ``python -m natctl.lab.gm_scenario probe HOST PORT`` is the
-players' client on every machine.
+next cleanup. ``probe_main`` is the players' client on every machine: its
+source is handed to ``python -c``, so a player needs no copy of this file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import ipaddress
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -103,8 +103,7 @@ def serve(m: Machines) -> dict[str, Proc]:
 
 
 def probe(m: Machines, player: str, host: str, port: int, hold: float = 0.0) -> Proc:
-    return m.start(player, [*m.python(), "-m", "natctl.lab.gm_scenario", "probe", host, str(port),
-                            "--hold", str(hold)], user=True)
+    return m.start(player, [*m.python(), "-c", PROBE, host, str(port), str(hold)], user=True)
 
 
 def result(p: Proc, seconds: float = 10) -> dict:
@@ -216,9 +215,6 @@ def probe_main(host: str, port: int, hold: float) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "probe":
-        hold = float(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[4] == "--hold" else 0.0
-        probe_main(sys.argv[2], int(sys.argv[3]), hold)
-    else:
-        sys.exit("usage: python -m natctl.lab.gm_scenario probe HOST PORT [--hold SECONDS]")
+# The player's client as a self-contained program (standard library only).
+PROBE = "\n".join(["import hashlib, json, os, socket, sys, time", inspect.getsource(probe_main),
+                   "probe_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))"])

@@ -18,7 +18,7 @@ import pytest
 
 from natctl.kernel import bpf_layout as L
 
-BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
 # C struct name -> its ctypes mirror.
 STRUCTS = {

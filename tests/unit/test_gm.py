@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natctl.config import Settings
+from natctl.config import Settings, load
 from natctl.errors import Conflict, Exhausted, NatctlError, NotFound, UsageError
-from natctl.gm.model import Gm, GmSettings, check_ports, load_settings, next_address, pick_port
+from natctl.gm.model import Gm, GmSettings, check_ports, next_address, pick_port
 from natctl.gm.openvpn import parse_status
 from natctl.gm.render import CCD_MARK, Identity, ccd_file, openvpn_config, wireguard_config
 from natctl.gm.service import GmService, TunnelDown
-from natctl.kernel.backend import FakeKernel
+from natctl.kernel.fake import FakeKernel
 from natctl.model import Endpoint, PortRange
 from natctl.service import Service
 
@@ -25,6 +25,11 @@ NAMES = ("alice", "bob", "carol", "erin", "frank", "grace")  # dave has no certi
 
 
 # --- settings
+
+
+def load_settings(gm: dict, environ: dict, path: str) -> GmSettings:
+    """The [gm] table as natctl's one loader reads it (options for the table, environment, file)."""
+    return load(path=path, environ=environ, tables={"gm": gm}).gm
 
 
 def test_settings_sources_in_order(tmp_path):
@@ -141,7 +146,7 @@ def test_openvpn_status_versions_2_and_3():
 
 @pytest.fixture
 def ovpn(tmp_path, monkeypatch):
-    monkeypatch.setattr("natctl.service.local_port_overlap", lambda ports: None)
+    monkeypatch.setattr("natctl.sync.local_port_overlap", lambda ports: None)
     monkeypatch.setattr("natctl.gm.service._need_forwarding", lambda: None)
     ccd, pki = tmp_path / "ccd", tmp_path / "pki"
     ccd.mkdir()
@@ -157,7 +162,8 @@ def ovpn(tmp_path, monkeypatch):
                   clock=lambda: now[0])
     gm_settings = GmSettings(vpn="openvpn", subnet="198.18.250.0/29", openvpn_ccd=str(ccd), openvpn_pki=str(pki),
                              openvpn_status=str(tmp_path / "status.log"))
-    gms = GmService(svc, gm_settings)
+    gms = GmService(svc.rec, gm_settings)
+    gms.svc = svc
     gms.ccd, gms.now, gms.status = ccd, now, tmp_path / "status.log"
     yield gms
     svc.close()
@@ -246,14 +252,12 @@ def test_a_forward_on_a_gm_port_is_not_handed_out(ovpn):
 
 def test_settings_that_do_not_fit_the_stored_gms_are_refused(ovpn):
     ovpn.add("alice")
-    other = GmService(ovpn.svc, GmSettings(vpn="openvpn", subnet="198.18.251.0/24", openvpn_ccd=str(ovpn.ccd)))
+    other = GmService(ovpn.svc.rec, GmSettings(vpn="openvpn", subnet="198.18.251.0/24", openvpn_ccd=str(ovpn.ccd)))
     with pytest.raises(Conflict, match="use the VPN settings the GMs were added with"):
         other.add("bob")
 
 
 def test_main_settings_ignore_the_gm_table(tmp_path):
-    from natctl.config import load
-
     path = tmp_path / "natctl.toml"
     path.write_text('relay_ip = "198.18.0.1"\n[gm]\nsubnet = "198.18.250.0/24"\n')
     assert load(path=str(path), environ={}).relay_ip == "198.18.0.1"

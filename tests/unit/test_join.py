@@ -17,7 +17,7 @@ import pytest
 
 from natctl.errors import NatctlError, UsageError
 from natctl.join import Joiner, parse_hostport
-from natctl.lab.unprivileged import NOBODY, python
+from support.unprivileged import NOBODY, python
 
 
 async def banner_echo_server(banner: bytes) -> asyncio.Server:
@@ -157,7 +157,7 @@ def test_the_command_stops_on_ctrl_c_and_leaves_nothing(tmp_path, command) -> No
     work.mkdir()
     work.chmod(0o777)
     env = {"PATH": os.environ["PATH"], "HOME": str(work), "PYTHONPATH": os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "PYTHONDONTWRITEBYTECODE": "1", **dict(extra)}
+        os.path.dirname(os.path.abspath(__file__)))), "PYTHONDONTWRITEBYTECODE": "1", **dict(extra)}
     proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10

@@ -1,8 +1,18 @@
 import pytest
 
 from natctl.errors import UsageError
-from natctl.model import (Endpoint, Lobby, format_duration, parse_cidr, parse_duration, parse_endpoint,
-                          parse_name, parse_port, parse_port_range)
+from natctl.model import (
+    Endpoint,
+    Lobby,
+    format_duration,
+    parse_cidr,
+    parse_duration,
+    parse_endpoint,
+    parse_int,
+    parse_name,
+    parse_port,
+    parse_port_range,
+)
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("4h", 14400), ("1h30m", 5400),
@@ -45,3 +55,20 @@ def test_lobby_allow():
     assert lb.allows("198.18.2.9") and not lb.allows("198.18.3.1")
     assert Lobby(1, "y", open=True).allows("198.19.0.1")
     assert Lobby(1, "z", ttl=10, created=100).expired(110) and not Lobby(1, "z", ttl=10, created=100).expired(109)
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999d", "١٢", "1_000", "3651d", "0", "-5", "１２"])
+def test_durations_are_ascii_and_in_range(text):
+    with pytest.raises(UsageError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999", "١٢", "0", "65536", "+5", "5.0", "1e3", ""])
+def test_numbers_are_ascii_and_in_range(text):
+    with pytest.raises(UsageError, match="use a number from 1 to 65535"):
+        parse_int(text, "--max-clients", 1, 65535)
+
+
+def test_numbers_in_range_pass():
+    assert parse_int("64", "n", 1, 65535) == 64 and parse_duration("3650d") == 3650 * 86400
+    assert parse_port(8809) == 8809

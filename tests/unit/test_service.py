@@ -4,7 +4,7 @@ import pytest
 
 from natctl.config import Settings
 from natctl.errors import Conflict, Exhausted, KernelError, NotFound
-from natctl.kernel.backend import FakeKernel
+from natctl.kernel.fake import FakeKernel
 from natctl.model import Endpoint, PortRange
 from natctl.service import Service
 
@@ -13,7 +13,7 @@ H, C1, C2 = Endpoint("198.18.1.2", 27015), Endpoint("198.18.2.2", 40001), Endpoi
 
 @pytest.fixture
 def svc(tmp_path, monkeypatch):
-    monkeypatch.setattr("natctl.service.local_port_overlap", lambda ports: None)
+    monkeypatch.setattr("natctl.sync.local_port_overlap", lambda ports: None)
     kernel = FakeKernel()
     s = Service(Settings(state=str(tmp_path / "s.db"), relay_ip="198.18.0.1", ports=PortRange(20000, 20009)),
                 kernel_factory=lambda: kernel)
@@ -96,7 +96,7 @@ def test_forwards(svc):
 
 def test_cleanup_removes_what_expired(svc):
     now = [1000.0]
-    svc.clock = lambda: now[0]
+    svc.rec.clock = lambda: now[0]
     svc.lobby_create("short", ttl=60)
     svc.lobby_create("long", ttl=3600)
     svc.map_add("short", H, [C1])
@@ -113,8 +113,8 @@ def test_idle_mappings_expire_by_kernel_counters(svc):
     from natctl.plan import SNAT
 
     now = [1000.0]
-    svc.clock = lambda: now[0]
-    svc.settings = replace(svc.settings, idle_timeout=60)
+    svc.rec.clock = lambda: now[0]
+    svc.rec.settings = replace(svc.settings, idle_timeout=60)
     svc.lobby_create("a")
     svc.map_add("a", H, [C1, C2])
     busy_key = (SNAT, ("198.18.2.2", "udp", 40001, "198.18.1.2", 27015))
@@ -135,7 +135,7 @@ def test_registration_is_idempotent_and_a_new_address_moves_the_lobby(svc):
     host = svc.register_host(token, H)
     scripts = len(svc.fake.scripts)
     assert svc.register_host(token, H) == host and len(svc.fake.scripts) == scripts  # a repeat sends nothing
-    m = svc.admit_client(host.relay_port, C1)
+    m = svc.admit_client(host.relay_port, C1).mapping
     moved = Endpoint("198.18.1.3", 27016)
     again = svc.register_host(token, moved)
     assert again.relay_port == host.relay_port
@@ -146,14 +146,17 @@ def test_registration_is_idempotent_and_a_new_address_moves_the_lobby(svc):
 
 
 def test_admission_checks_and_scoped_changes(svc):
-    from natctl.relayops import NotAllowed
+    from natctl.admission import NotAllowed
 
     _, token = svc.lobby_create("a", allow=("198.18.2.0/24",), max_clients=2)
     host = svc.register_host(token, H)
-    before = len(svc.fake.scripts)
+    before, elements, reads = len(svc.fake.scripts), len(svc.fake.installed.elements), svc.fake.reads
     m1 = svc.admit_client(host.relay_port, C1)
-    assert svc.last_sync.added == 4 and svc.last_sync.deleted == 0  # one client's elements, nothing else
-    assert svc.admit_client(host.relay_port, C1) == m1 and len(svc.fake.scripts) == before + 1
+    assert m1.new and len(svc.fake.scripts) == before + 1
+    # One client's 4 elements went in, and nothing was read back: the change was scoped.
+    assert len(svc.fake.installed.elements) == elements + 4 and svc.fake.reads == reads
+    again = svc.admit_client(host.relay_port, C1)
+    assert again.mapping == m1.mapping and not again.new and len(svc.fake.scripts) == before + 1
     with pytest.raises(NotAllowed, match="not allowed"):
         svc.admit_client(host.relay_port, Endpoint("198.18.9.9", 5))
     svc.admit_client(host.relay_port, C2)
@@ -178,3 +181,37 @@ def test_changes_are_scoped_while_the_kernel_carries_the_stores_tag(svc):
     assert svc.fake.reads == reads + 1  # no tag in the kernel: a full reconcile rebuilds everything
     assert len(svc.fake.installed.elements) == 2 * 4 + 1 + 3
     assert svc.apply().changed is False
+
+
+@pytest.mark.parametrize("host,client,match", [
+    (Endpoint("198.18.0.1", 29999), C1, "relay's own address"),  # the relay as a host
+    (H, Endpoint("198.18.0.1", 5), "relay's own address"),
+    (Endpoint("127.0.0.1", 27015), C1, "not an address"),
+    (H, Endpoint("0.1.2.3", 5), "not an address"),
+    (H, Endpoint("224.0.0.251", 5353), "not an address"),
+    (H, Endpoint("255.255.255.255", 5), "not an address"),
+])
+def test_addresses_that_make_no_sense_are_refused(svc, host, client, match):
+    from natctl.errors import UsageError
+
+    svc.lobby_create("a")
+    with pytest.raises(UsageError, match=match):
+        svc.map_add("a", host, [client])
+    assert svc.mappings() == [] and svc.lobbies()[0].host is None  # nothing half-made
+
+
+@pytest.mark.parametrize("allow", ["224.0.0.0/4", "224.0.0.251/32", "127.0.0.0/8", "0.0.0.0/8", "255.255.255.255/32"])
+def test_allowed_networks_must_hold_players(svc, allow):
+    from natctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a network of players"):
+        svc.lobby_create("a", allow=(allow,))
+    assert svc.lobbies() == []
+
+
+def test_a_forward_to_the_relay_itself_is_refused(svc):
+    from natctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="relay's own address"):
+        svc.forward_add(2222, Endpoint("198.18.0.1", 22))
+    assert svc.forwards() == []

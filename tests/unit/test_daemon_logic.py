@@ -1,0 +1,159 @@
+"""The daemon's logic on the fake kernel, without root: real UDP sockets on loopback, no namespaces.
+
+Registration, admission on a first packet (delivered once, installed in the
+kernel), refusal (blocked in the kernel), and the registration rate limit.
+The kernel tests (tests/kernel/test_daemon.py) run the same daemon for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from natctl.config import Settings
+from natctl.daemon import metrics, wire
+from natctl.daemon.server import Daemon
+from natctl.kernel.fake import FakeKernel
+from natctl.model import PortRange
+from natctl.plan import DNAT, HOSTPORTS
+from natctl.service import Service
+
+TOKEN_WAIT = 2.0  # seconds any reply may take on a loaded CI machine
+
+
+def free_udp_ports(count: int) -> int:
+    """The first of ``count`` consecutive UDP ports on loopback that are free now."""
+    for start in range(21000, 32700, 97):  # below the kernel's ephemeral range, as relay ports must be
+        socks = []
+        try:
+            for port in range(start, start + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port range on loopback")
+
+
+class Running:
+    """A Daemon on its own event loop in a thread, with the fake kernel and a recording sender.
+
+    Each thread opens its own Service (SQLite connections stay in their thread), as the daemon does."""
+
+    def __init__(self, make: Callable[[], Service]) -> None:
+        self.make = make
+        self.sent: list[tuple[int, str, bytes]] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        daemon = Daemon(self.make(), worker=self.make, send=lambda *a: self.sent.append(a))
+        self.loop.call_soon(self.ready.set)
+        await daemon.run(self.stop)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        assert self.ready.wait(5)
+        time.sleep(0.1)  # the registration socket opens right after the loop starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def relay(tmp_path) -> Iterator[tuple[Callable[[], Service], FakeKernel, int]]:
+    base = free_udp_ports(11)
+    kernel = FakeKernel()
+    settings = Settings(state=str(tmp_path / "s.db"), relay_ip="127.0.0.1", ports=PortRange(base + 1, base + 10),
+                        registration_port=base, cleanup_interval=3600)
+    yield (lambda: Service(settings, kernel_factory=lambda: kernel)), kernel, base
+
+
+def udp() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(TOKEN_WAIT)
+    return s
+
+
+def register(sock: socket.socket, reg_port: int, token: str, nonce: int = 7) -> tuple[str, int] | None:
+    sock.sendto(wire.encode_request(token, nonce), ("127.0.0.1", reg_port))
+    try:
+        data, _ = sock.recvfrom(64)
+    except TimeoutError:
+        return None
+    kind, got_nonce, body = wire.decode_reply(data)
+    assert kind == wire.REGISTERED and got_nonce == nonce
+    return body  # type: ignore[return-value]
+
+
+def wait_for(what: str, cond, seconds: float = TOKEN_WAIT) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_register_admit_deliver_and_refuse(relay):
+    make, kernel, reg_port = relay
+    svc = make()
+    _, token = svc.lobby_create("a", open_=True, max_clients=1)
+    host, client, second = udp(), udp(), udp()
+    with Running(make) as daemon:
+        assert register(host, reg_port, "x" * 20) is None  # a wrong token gets no answer at all
+        relay_ip, host_port = register(host, reg_port, token)
+        assert relay_ip == "127.0.0.1" and (HOSTPORTS, (host_port,)) in {(e.set, e.key) for e in kernel.installed.elements}
+        # A client's first packet: admitted, installed in the kernel, delivered to the host exactly once.
+        wait_for("the host port's listener", lambda: _listening(host_port))
+        client.sendto(b"hello host", ("127.0.0.1", host_port))
+        wait_for("the delivery", lambda: daemon.sent)
+        (client_port, to, data), = daemon.sent
+        assert (to, data) == (f"127.0.0.1:{host.getsockname()[1]}", b"hello host")
+        up = ("127.0.0.1", "udp", client.getsockname()[1], host_port)
+        assert any(e.set == DNAT and e.key == up for e in kernel.installed.elements)
+        # The lobby is full (one client): the next sender is refused and blocked in the kernel, nothing delivered.
+        second.sendto(b"me too", ("127.0.0.1", host_port))
+        wait_for("the block", lambda: kernel.blocked)
+        assert kernel.blocked == [("127.0.0.1", host_port)] and len(daemon.sent) == 1
+    assert [m.client for m in svc.mappings()] == [f"127.0.0.1:{client.getsockname()[1]}"]
+    svc.close()
+    for s in (host, client, second):
+        s.close()
+
+
+def test_registration_is_rate_limited_per_source(relay):
+    make, _, reg_port = relay
+    svc = make()
+    _, token = svc.lobby_create("a", open_=True)
+    svc.close()
+    host = udp()
+    host.settimeout(0.3)
+    before = metrics.REGISTRATION_REJECTS.labels("rate")._value.get()
+    with Running(make):
+        answered = sum(register(host, reg_port, token, nonce=i) is not None for i in range(16))
+    # A burst of 10, then 2 a second: the rest are dropped without an answer, and counted.
+    assert 10 <= answered <= 12
+    assert metrics.REGISTRATION_REJECTS.labels("rate")._value.get() - before >= 4
+    host.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
