@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from natctl.admission import NotAllowed
 from natctl.config import Settings
 from natctl.daemon import metrics, wire
-from natctl.daemon.log import log
+from natctl.daemon.log import Repeats, log
 from natctl.daemon.ratelimit import RateLimiter
 from natctl.errors import Busy, Conflict, NatctlError, NotFound
 from natctl.model import Endpoint
@@ -72,11 +72,11 @@ class Registrar(asyncio.DatagramProtocol):
             host = svc.register_host(req.token, Endpoint(addr[0], addr[1]))
         except NotFound:  # a wrong token gets no answer: nothing to learn from us
             metrics.REGISTRATION_REJECTS.labels("token").inc()
-            log("registration_refused", source=source, reason="unknown token")
+            self.daemon.repeats.note(time.monotonic(), "registration_refused", source=source, reason="unknown token")
             return
         except Conflict as err:
             metrics.REGISTRATION_REJECTS.labels("conflict").inc()
-            log("registration_refused", source=source, reason=err.message)
+            self.daemon.repeats.note(time.monotonic(), "registration_refused", source=source, reason=err.message)
             self.transport.sendto(wire.encode_error(req.nonce, wire.ERR_SERVER), addr)
             return
         except NatctlError as err:
@@ -112,6 +112,8 @@ class Daemon:
         self._make_worker = worker or (lambda: Service(svc.settings))
         self._send = send or self._send_marked
         self.loop = asyncio.get_running_loop()
+        self.bind_ip = "0.0.0.0"  # set by run(): the relay IP when it is local
+        self.repeats = Repeats()  # what strangers can cause at will is logged once per interval, then counted
         self.host_ports: dict[int, asyncio.BaseTransport] = {}
         # Cleanup runs in its own thread with its own store connection, so a
         # long sync never stalls admissions; SQLite serializes the writers.
@@ -132,7 +134,8 @@ class Daemon:
     async def _open(self, port: int) -> None:
         try:
             transport, _ = await self.loop.create_datagram_endpoint(lambda: HostPort(self, port),
-                                                                    local_addr=("0.0.0.0", port))
+                                                                    local_addr=(self.bind_ip, port))
+            _deep_queue(transport)
             self.host_ports[port] = transport
         except OSError as err:
             log("listen_failed", port=port, error=str(err))
@@ -146,7 +149,8 @@ class Daemon:
             admitted = self.svc.admit_client(host_port, Endpoint(addr[0], addr[1]))
         except NotAllowed as err:
             metrics.REJECTIONS.labels("not_allowed").inc()
-            log("rejected", source=f"{addr[0]}:{addr[1]}", host_port=host_port, reason=err.message)
+            self.repeats.note(time.monotonic(), "rejected", source=f"{addr[0]}:{addr[1]}", host_port=host_port,
+                              reason=err.message)
             self._block(addr[0], host_port)
             return
         except NotFound:
@@ -200,8 +204,13 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.svc.settings
+        self.bind_ip = _local_or_any(self.svc.relay_ip)
+        if self.bind_ip != self.svc.relay_ip:
+            log("listening_on_any", relay_ip=self.svc.relay_ip,
+                note="the relay IP is not an address of this machine: replies leave from the route's address")
         reg, _ = await self.loop.create_datagram_endpoint(lambda: Registrar(self),
-                                                          local_addr=("0.0.0.0", settings.registration_port))
+                                                          local_addr=(self.bind_ip, settings.registration_port))
+        _deep_queue(reg)
         self.refresh_host_ports()
         next_cleanup = time.monotonic() + settings.cleanup_interval
         try:
@@ -211,6 +220,7 @@ class Daemon:
                 except TimeoutError:
                     pass
                 self.refresh_host_ports()
+                self.repeats.flush(time.monotonic())
                 metrics.MAPPINGS.set(self.svc.store.count_clients())
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + settings.cleanup_interval
@@ -225,10 +235,36 @@ class Daemon:
                     if any(gone.values()):
                         log("cleanup", **gone)
         finally:
+            self.repeats.flush(time.monotonic(), force=True)
             reg.close()
             for t in self.host_ports.values():
                 t.close()
             self.worker.shutdown(wait=True)
+
+
+def _local_or_any(ip: str) -> str:
+    """Listen on the relay IP itself, so every reply leaves from the address the peer sent to
+    (on a VPS whose public IP sits on lo or is a secondary address, 0.0.0.0 answers from another)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+            return ip
+        except OSError:
+            return "0.0.0.0"
+
+
+RCVBUF = 4 << 20  # bytes: a burst of registrations or first packets waits here instead of being dropped
+
+
+def _deep_queue(transport: asyncio.BaseTransport) -> None:
+    """A receive queue far above the default 208 KiB (beyond net.core.rmem_max when root may)."""
+    sock = transport.get_extra_info("socket")
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RCVBUF)
+            return
+        except OSError:  # FORCE needs CAP_NET_ADMIN; the plain option is capped by rmem_max
+            continue
 
 
 def serve(settings: Settings) -> int:

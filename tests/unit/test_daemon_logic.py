@@ -157,3 +157,36 @@ def _listening(port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def test_a_flood_of_refusals_writes_two_lines_per_interval():
+    from natctl.daemon.log import Repeats
+
+    lines: list[tuple[str, dict]] = []
+    repeats = Repeats(interval=10, write=lambda event, **f: lines.append((event, f)))
+    for i in range(100_000):  # 100,000 wrong tokens from as many sources within 5 s
+        repeats.note(i * 0.00005, "registration_refused", source=f"198.18.{i % 250}.{i % 200}:{i}")
+    repeats.note(4.0, "rejected", source="198.18.9.9:1")
+    repeats.flush(11.0)
+    assert [e for e, _ in lines] == ["registration_refused", "rejected", "registration_refused_repeated"]
+    assert lines[-1][1]["count"] == 99_999
+    repeats.note(12.0, "registration_refused", source="198.18.1.1:1")  # a new interval logs again
+    assert len(lines) == 4
+
+
+def test_replies_leave_from_the_address_the_host_sent_to(tmp_path):
+    """The relay IP is a second address (127.0.0.2 on lo, like a VPS's floating IP): the answer must come
+    from it, not from the address the kernel would pick for 0.0.0.0 (127.0.0.1 here), or a NAT drops it."""
+    base = free_udp_ports(11)
+    kernel = FakeKernel()
+    settings = Settings(state=str(tmp_path / "s.db"), relay_ip="127.0.0.2", ports=PortRange(base + 1, base + 10),
+                        registration_port=base, cleanup_interval=3600)
+    svc = Service(settings, kernel_factory=lambda: kernel)
+    _, token = svc.lobby_create("a", open_=True)
+    svc.close()
+    host = udp()
+    with Running(lambda: Service(settings, kernel_factory=lambda: kernel)):
+        host.sendto(wire.encode_request(token, 9), ("127.0.0.2", base))
+        data, source = host.recvfrom(64)
+    assert source == ("127.0.0.2", base) and wire.decode_reply(data)[2][0] == "127.0.0.2"
+    host.close()
