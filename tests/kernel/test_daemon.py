@@ -292,3 +292,30 @@ def test_install_units(tmp_path, relay):
     assert "OnUnitActiveSec" in (tmp_path / "systemd" / "natctl-cleanup.timer").read_text()
     assert f"ExecStart={exe} cleanup" in (tmp_path / "systemd" / "natctl-cleanup.service").read_text()
     assert "cleanup" in (tmp_path / "cron" / "natctl").read_text()
+
+
+FLOATING = "198.18.0.9"  # a routed (floating) public IP on the relay's lo, beside eth0's own address
+
+
+def test_a_relay_ip_on_lo_answers_from_itself_through_masquerading_routers(lab, relay, daemon, game, monkeypatch):
+    """The host's router is stock masquerade: it lets in only what comes from the exact address and port the
+    host sent to. Registration answers and the first delivered packet must leave from FLOATING, not eth0's."""
+    run(["ip", "addr", "add", f"{FLOATING}/32", "dev", "lo"], ns=lab.relay_ns)
+    run(["ip", "route", "add", f"{FLOATING}/32", "via", lab.relay_ip], ns=lab.ns("inet"))
+    monkeypatch.setenv("NATCTL_RELAY_IP", FLOATING)  # for the CLI and the daemon alike
+    try:
+        token = lobby(relay, "g", "--open")
+        daemon.start()
+        assert register(game["host"], (FLOATING, REG), token, tries=4)[0] == FLOATING
+        host_port = relay.json("lobby", "list")[0]["host_port"]
+        time.sleep(0.3)  # the daemon opens its listener on the new host port
+        game["client1"].sendto(b"first", (FLOATING, host_port))
+        game["client1"].sendto(b"second", (FLOATING, host_port))
+        got = collect(game["host"], 2)
+        assert [d for d, _ in got] == [b"first", b"second"] and {s[0] for _, s in got} == {FLOATING}
+        game["host"].sendto(b"reply", got[0][1])
+        assert collect(game["client1"], 1) == [(b"reply", (FLOATING, host_port))]
+    finally:
+        daemon.kill()
+        run(["ip", "route", "del", f"{FLOATING}/32"], ns=lab.ns("inet"), check=False)
+        run(["ip", "addr", "del", f"{FLOATING}/32", "dev", "lo"], ns=lab.relay_ns, check=False)
