@@ -23,6 +23,7 @@
 /* Two entries per UDP mapping (both directions). Maps are not preallocated,
  * so a small relay pays only for what it holds. */
 #define NATCTL_MAX_ENTRIES 262144
+#define NATCTL_PUNCH_SIZE 10 /* bytes of a registration-v2 PUNCH (natctl.daemon.wire) */
 
 /* One direction of one mapping: what a packet arriving at the relay carries. */
 struct natctl_key {
@@ -63,6 +64,7 @@ enum natctl_counter {
 	NATCTL_C_PASS_TTL,       /* TTL <= 1: the stack sends the ICMP */
 	NATCTL_C_PASS_NO_NEIGH,  /* next hop's MAC unknown: the stack resolves it */
 	NATCTL_C_PASS_FIB,       /* no route, forwarding off, MTU too small, ... */
+	NATCTL_C_PASS_PUNCH,     /* a host's punch: for the daemon (natctl.daemon.punch) */
 	NATCTL_C_MAX,
 };
 

@@ -134,6 +134,14 @@ int natctl_xdp(struct xdp_md *ctx)
 
 	if (!rw)
 		return pass(NATCTL_C_PASS_NO_KEY);
+	/* A host's PUNCH (natctl.daemon.wire: 10 bytes, "NATC" v2 type 5) is for the
+	 * daemon on the relay, never for the client this port maps to, however late. */
+	if (udp->len == bpf_htons(sizeof(*udp) + NATCTL_PUNCH_SIZE)) {
+		__u8 *p = (void *)(udp + 1);
+		if ((void *)(p + 6) <= data_end && p[0] == 'N' && p[1] == 'A' && p[2] == 'T' && p[3] == 'C' &&
+		    p[4] == 2 && p[5] == 5)
+			return pass(NATCTL_C_PASS_PUNCH);
+	}
 	if (ip->ttl <= 1)
 		return pass(NATCTL_C_PASS_TTL);
 

@@ -66,6 +66,7 @@ class Settings:
     cleanup_interval: int = 30
     metrics: str = ""  # host:port for the Prometheus endpoint; empty: off
     lock_timeout: float = 5.0  # seconds to wait for another natctl's store transaction
+    fix_forwarding: bool = True  # turn net.ipv4.ip_forward on before installing mappings (natctl.preflight)
     gm: GmSettings = field(default_factory=GmSettings)  # the [gm] table
 
 
@@ -84,6 +85,15 @@ def _duration(v: Any) -> int:
 
 def _ports(v: Any) -> PortRange:
     return v if isinstance(v, PortRange) else parse_port_range(str(v))
+
+
+def _switch(what: str) -> Any:
+    def parse(v: Any) -> bool:
+        text = str(v).strip().lower()  # a TOML boolean prints as True/False
+        if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise UsageError(f"invalid {what} {v!r}", "use true or false")
+        return text in ("1", "true", "yes", "on")
+    return parse
 
 
 def _interface(name: str) -> str:
@@ -112,6 +122,7 @@ PARSERS: dict[str, Any] = {
     "cleanup_interval": _duration,
     "metrics": str,
     "lock_timeout": float,
+    "fix_forwarding": _switch("fix_forwarding"),
 }
 GM_PARSERS: dict[str, Any] = {
     "vpn": _choice(VPNS, "VPN"),

@@ -16,11 +16,13 @@ import time
 
 from natctl.errors import NatctlError
 from natctl.lab import topology
+from natctl.lab.gamehost import GameHost
 from natctl.lab.netns import natctl_argv, run, spawn, stop
 from natctl.lab.traffic import Delivery, payload, send_and_receive, udp_socket
 from natctl.output import table
 
 HOST_PORT, CLIENT_PORTS, HTTP_PORT = 27015, {"client1": 40001, "client2": 40002}, 8080
+REGISTRATION_PORT = 8809
 
 
 def natctl(lab: topology.Lab, state: str, *args: str, echo: bool = True) -> str:
@@ -30,21 +32,40 @@ def natctl(lab: topology.Lab, state: str, *args: str, echo: bool = True) -> str:
     proc = run(natctl_argv(state, *args), ns=lab.relay_ns, check=False)
     if proc.returncode != 0:
         raise NatctlError(f"natctl {' '.join(args)} failed: {proc.stderr.strip()}")
+    for line in proc.stderr.splitlines():  # what natctl tells its user, e.g. that it turned forwarding on
+        print(f"  {line}")
     return proc.stdout
 
 
-def _udp_round(lab: topology.Lab, ports: dict, socks: dict) -> list[Delivery]:
+def _udp_round(lab: topology.Lab, host_port: int, host: GameHost, socks: dict) -> list[Delivery]:
+    """Players speak first, as players joining do; the host answers whoever it heard."""
     relay = lab.relay_ip
-    host = socks["host"]
-    # client1 speaks first, as a player joining does; client2 hears from the
-    # host first: both directions are in the kernel before any client traffic.
-    return [
-        send_and_receive(socks["client1"], host, (relay, ports["host"]), payload(1200), "client1", "host"),
-        send_and_receive(host, socks["client1"], (relay, ports["client1"]), payload(64), "host", "client1"),
-        send_and_receive(host, socks["client2"], (relay, ports["client2"]), payload(512), "host", "client2"),
-        send_and_receive(socks["client2"], host, (relay, ports["host"]), payload(1), "client2", "host"),
-        send_and_receive(socks["client2"], host, (relay, ports["host"]), payload(1472), "client2", "host"),
-    ]
+    out = [send_and_receive(socks["client1"], host, (relay, host_port), payload(1200), "client1", "host")]
+    seen = {"client1": out[0].seen_from}
+    out.append(send_and_receive(socks["client2"], host, (relay, host_port), payload(1), "client2", "host"))
+    seen["client2"] = out[1].seen_from
+    for name, size in (("client1", 64), ("client2", 512)):
+        to = seen[name]
+        if to is not None:
+            out.append(send_and_receive(host, socks[name], to, payload(size), "host", name))
+    out.append(send_and_receive(socks["client2"], host, (relay, host_port), payload(1472), "client2", "host"))
+    return out
+
+
+def _serve(lab: topology.Lab, state: str, tmp: str) -> subprocess.Popen:
+    """`natctl serve` in the relay, as the systemd unit runs it; returns once it listens."""
+    print("  relay# natctl serve &")
+    log = os.path.join(tmp, "serve.log")
+    with open(log, "wb") as out:
+        proc = spawn(natctl_argv(state, "serve"), ns=lab.relay_ns, stdout=out, stderr=out)
+    deadline = time.monotonic() + 10
+    while '"started"' not in open(log).read():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise NatctlError(f"natctl serve did not start: {open(log).read().strip()}")
+        time.sleep(0.05)
+    time.sleep(0.2)  # the registration port opens right after the start line
+    return proc
 
 
 def _tcp_check(lab: topology.Lab, state: str, tmp: str) -> tuple[bool, int]:
@@ -74,41 +95,43 @@ def _tcp_check(lab: topology.Lab, state: str, tmp: str) -> tuple[bool, int]:
 def run_demo(lab: topology.Lab, tmp: str) -> int:
     state = os.path.join(tmp, "natctl.db")
     print(f"\n1. A relay at {lab.relay_ip}; a game host behind one home router, two players behind another.")
+    print("   Both routers are stock Linux masquerade: replies get in only from where a machine sent to.")
     for m in lab.members.values():
         print(f"   {m.name:8} {m.ip:12} behind {m.router} (seen on the internet as {m.public_ip})")
-    print("\n2. The relay's admin creates a lobby and maps the two players to the host:")
-    natctl(lab, state, "lobby", "create", "demo", "--allow", "198.18.0.0/15", "--ttl", "1h")
-    socks = {"host": udp_socket(lab.ns("host"), port=HOST_PORT)}
-    ports: dict[str, int] = {}
-    for name, port in CLIENT_PORTS.items():
-        socks[name] = udp_socket(lab.ns(name), port=port)
-        out = natctl(lab, state, "map", "add", "--lobby", "demo", "--host",
-                     f"{lab.members['host'].public_ip}:{HOST_PORT}", "--client",
-                     f"{lab.members[name].public_ip}:{port}", "--json")
-        got = json.loads(out)
-        ports["host"], ports[name] = got["host_port"], got["client_port"]
-    print(f"   host relay port {ports['host']}; client relay ports "
-          + ", ".join(f"{n} {ports[n]}" for n in CLIENT_PORTS))
-    # Each game socket has talked to the relay once (a host does when it
-    # registers), which opens its home router toward the relay.
-    for sock in socks.values():
-        topology.say_hello(sock, lab)
-    print("\n3. Real UDP both ways through the kernel (payloads checked byte for byte):")
-    deliveries = _udp_round(lab, ports, socks)
-    for s in socks.values():
-        s.close()
+    print("\n2. The relay's admin creates a lobby and runs the daemon:")
+    token = json.loads(natctl(lab, state, "lobby", "create", "demo", "--allow", "198.18.0.0/15", "--ttl", "1h",
+                              "--json"))["token"]
+    daemon = _serve(lab, state, tmp)
+    socks = {name: udp_socket(lab.ns(name), port=port) for name, port in CLIENT_PORTS.items()}
+    host = GameHost(udp_socket(lab.ns("host"), port=HOST_PORT), (lab.relay_ip, REGISTRATION_PORT), token)
+    try:
+        print("\n3. The game host registers from its game socket (the reference client, registration v2):")
+        relay_ip, host_port = host.start()
+        print(f"   players join at {relay_ip}:{host_port}")
+        time.sleep(0.3)  # the daemon opens its listener on the new host port
+        print("\n4. Players send first; the relay admits each on its first packet, the host opens its NAT")
+        print("   toward the player's relay port, and from then on the kernel forwards (bytes checked):")
+        deliveries = _udp_round(lab, host_port, host, socks)
+    finally:
+        host.close()
+        for s in socks.values():
+            s.close()
+    maps = {m["client"]: m["client_port"] for m in json.loads(natctl(lab, state, "map", "list", "--json", echo=False))}
+    client_ports = {name: maps.get(f"{lab.members[name].public_ip}:{port}") for name, port in CLIENT_PORTS.items()}
     table("", ["from", "to", "sent to", "arrived from", "bytes", "payload"],
           [(d.sender, d.receiver, _hostport(d.sent_to), _hostport(d.seen_from) if d.seen_from else "LOST",
             d.size, "identical" if d.intact else "WRONG") for d in deliveries])
-    # The promise: a client always sees the host as relay:host_port, the host
-    # sees each client as relay:client_port.
-    udp_ok = all(d.intact and d.seen_from == (lab.relay_ip, ports["host"] if d.sender == "host" else ports[d.sender])
-                 for d in deliveries)
-    print("\n4. TCP through a static forward: client1 downloads a file with curl from the host's web server:")
+    # The promise: a player always sees the host as relay:host_port, the host sees each player
+    # as relay:client_port.
+    udp_ok = len(deliveries) == 5 and all(
+        d.intact and d.seen_from == (lab.relay_ip, host_port if d.sender == "host" else client_ports[d.sender])
+        for d in deliveries)
+    print("\n5. TCP through a static forward: client1 downloads a file with curl from the host's web server:")
     tcp_ok, size = _tcp_check(lab, state, tmp)
     print(f"   {size} bytes over TCP: {'identical' if tcp_ok else 'WRONG'}")
-    print("\n5. What the relay holds now:")
+    print("\n6. What the relay holds now:")
     print("\n".join("   " + ln for ln in natctl(lab, state, "status", echo=True).splitlines()))
+    stop(daemon)
     ok = udp_ok and tcp_ok
     print("\nResult: " + ("every packet arrived intact, from the promised addresses." if ok else "FAILED (see above)."))
     return 0 if ok else 1

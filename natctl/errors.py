@@ -54,3 +54,9 @@ class StoreError(NatctlError):
     """The store cannot be used: not a natctl database, or not writable. The file is left as it is."""
 
     exit_code = 8
+
+
+class ForwardingOff(NatctlError):
+    """IP forwarding is off and natctl may not (fix_forwarding = false) or cannot turn it on; nothing was changed."""
+
+    exit_code = 9

@@ -6,11 +6,14 @@ way forwards are made, listed and removed.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from natctl import plan as planner
 from natctl.errors import Conflict, NotFound
-from natctl.model import Endpoint, Forward, check_unicast
+from natctl.lobbies import read_kernel
+from natctl.model import Endpoint, Forward, Snapshot, check_unicast
 from natctl.sync import Reconciler
-from natctl.views import ForwardView
+from natctl.views import ForwardView, unknown
 
 
 class Forwards:
@@ -42,16 +45,26 @@ class Forwards:
         return fwd
 
     def listing(self, counters: bool = False) -> list[ForwardView]:
-        installed = self.rec.kernel.read() if counters else None
+        """Every forward; with ``counters``, whether the kernel holds it and what it carried.
+
+        The one listing ``forward list`` and ``status`` share: one read of the kernel for all
+        rows. Without ``counters``, or when the kernel cannot be read, the kernel's fields are None.
+        """
+        rec = self.rec
+        installed = read_kernel(rec) if counters else None
         out = []
-        for f in self.rec.store.forwards():
+        for f in rec.store.forwards():
+            view = ForwardView(f.port, f.proto, str(f.target), f.ttl, f.created,
+                               f.created + f.ttl if f.ttl else None, f.owner)
+            if installed is None:
+                out.append(unknown(view))
+                continue
             packets = bytes_ = 0
-            ok = False
-            if installed is not None:
-                for proto in f.protos:
-                    p, b = installed.counters.get((planner.FWDACCT, (f.target.ip, proto, f.target.port)), (0, 0))
-                    packets, bytes_ = packets + p, bytes_ + b
-                ok = any(e.set == planner.FWD and e.key[1] == f.port for e in installed.elements)
-            out.append(ForwardView(f.port, f.proto, str(f.target), f.ttl, f.created,
-                                   f.created + f.ttl if f.ttl else None, f.owner, ok, packets, bytes_))
+            for proto in f.protos:
+                p, b = installed.counters.get((planner.FWDACCT, (f.target.ip, proto, f.target.port)), (0, 0))
+                packets, bytes_ = packets + p, bytes_ + b
+            # Installed: natctl's table (with its chains) holds every element this forward plans.
+            want = planner.plan(Snapshot(rec.relay_ip, forwards=(f,)), None, rec.kernel.owns)
+            ok = installed.table_ok and want <= installed.elements
+            out.append(replace(view, installed=ok, packets=packets, bytes=bytes_))
         return out

@@ -6,15 +6,17 @@ Each operation is one change through the Reconciler, scoped to its lobby.
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 
 from natctl import admission
 from natctl import plan as planner
 from natctl.alloc import Allocator
-from natctl.errors import Conflict, NotFound, UsageError
+from natctl.errors import Conflict, KernelError, NotFound, UsageError
+from natctl.kernel.nft import Installed
 from natctl.model import Client, Endpoint, Host, Lobby, check_allowed_network, check_unicast
 from natctl.store import Store
 from natctl.sync import Reconciler
-from natctl.views import LobbyView, MappingView
+from natctl.views import LobbyView, MappingView, unknown
 
 
 class Lobbies:
@@ -111,29 +113,52 @@ class Lobbies:
             txn.store.remove_client(c.id)
 
     def mappings(self, counters: bool = False) -> list[MappingView]:
-        """Every live mapping; with ``counters``, whether the kernel holds it and what it carried."""
+        """Every live mapping; with ``counters``, whether the kernel holds it and what it carried.
+
+        The one listing ``map list`` and ``status`` share: one read of the kernel for all rows.
+        Without ``counters``, or when the kernel cannot be read (not root, no nftables
+        binding), the kernel's fields are None ("unknown"), never false or 0.
+        """
         rec = self.rec
         snap = rec.store.snapshot(rec.relay_ip)
-        installed = rec.kernel.read() if counters else None
-        out = []
+        installed = read_kernel(rec) if counters else None
         seen = {c.relay_port: c.last_seen for c in snap.clients}
+        out = []
         for m in planner.mappings(snap, rec.clock()):
-            to_host = to_client = xdp_up = xdp_down = (0, 0)
-            ok = False
-            if installed is not None:
-                up = (m.client.ip, m.proto, m.client.port, m.host.ip, m.host.port)
-                down = (m.host.ip, m.proto, m.host.port, m.client.ip, m.client.port)
-                # Packets XDP forwarded never reach nftables' counters: count them in, and apart.
-                xdp_up = installed.counters.get((planner.XDP, (m.client.ip, m.client.port, m.host_port)), (0, 0))
-                xdp_down = installed.counters.get((planner.XDP, (m.host.ip, m.host.port, m.client_port)), (0, 0))
-                to_host = _plus(installed.counters.get((planner.SNAT, up), (0, 0)), xdp_up)
-                to_client = _plus(installed.counters.get((planner.SNAT, down), (0, 0)), xdp_down)
-                ok = all(e in installed.elements for e in planner.mapping_elements(m, rec.relay_ip)
-                         if e.set in rec.kernel.owns)
-            out.append(MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,
-                                   m.client_port, ok, *to_host, *to_client, seen.get(m.client_port, 0.0),
-                                   *xdp_up, *xdp_down))
+            view = MappingView(m.lobby, m.proto, str(m.host), str(m.client), snap.relay_ip, m.host_port,
+                               m.client_port, last_seen=seen.get(m.client_port, 0.0))
+            out.append(unknown(view) if installed is None else _counted(view, m, installed, rec))
         return out
+
+
+def read_kernel(rec: Reconciler) -> Installed | None:
+    """What the kernel holds, in one full read for a whole listing; None when it cannot be read.
+
+    A missing table reads fine (nothing is installed); not being root, a missing
+    nftables binding or a refused read are "unknown", for the listing to leave out.
+    """
+    try:
+        return rec.kernel.read()
+    except (KernelError, OSError):
+        return None
+
+
+def _counted(view: MappingView, m: planner.Mapping, installed: Installed, rec: Reconciler) -> MappingView:
+    """``view`` with what the kernel says of mapping ``m``: installed, and its counters."""
+    up = (m.client.ip, m.proto, m.client.port, m.host.ip, m.host.port)
+    down = (m.host.ip, m.proto, m.host.port, m.client.ip, m.client.port)
+    # Packets XDP forwarded never reach nftables' counters: count them in, and apart.
+    xdp_up = installed.counters.get((planner.XDP, (m.client.ip, m.client.port, m.host_port)), (0, 0))
+    xdp_down = installed.counters.get((planner.XDP, (m.host.ip, m.host.port, m.client_port)), (0, 0))
+    to_host = _plus(installed.counters.get((planner.SNAT, up), (0, 0)), xdp_up)
+    to_client = _plus(installed.counters.get((planner.SNAT, down), (0, 0)), xdp_down)
+    # Installed: natctl's table (with its chains) holds every element of the mapping this backend owns.
+    ok = installed.table_ok and all(e in installed.elements for e in planner.mapping_elements(m, rec.relay_ip)
+                                    if e.set in rec.kernel.owns)
+    return replace(view, installed=ok, to_host_packets=to_host[0], to_host_bytes=to_host[1],
+                   to_client_packets=to_client[0], to_client_bytes=to_client[1],
+                   xdp_to_host_packets=xdp_up[0], xdp_to_host_bytes=xdp_up[1],
+                   xdp_to_client_packets=xdp_down[0], xdp_to_client_bytes=xdp_down[1])
 
 
 def _plus(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:

@@ -73,6 +73,7 @@ class Host:
     lobby_id: int
     addr: Endpoint
     relay_port: int
+    opens: bool = False  # it speaks registration v2: it opens its NAT toward each new client's relay port
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,10 @@ class Client:
     relay_port: int
     created: float = 0.0
     last_seen: float = 0.0
+    # The host's address as seen from this client's relay port, learned from the host's punch
+    # (behind a symmetric NAT it differs per destination); None: the host's registered address.
+    host: Endpoint | None = None
+    pending: bool = False  # admitted, waiting for the host to open its NAT: nothing in the kernel yet
 
 
 @dataclass(frozen=True, slots=True)

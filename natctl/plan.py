@@ -99,15 +99,19 @@ def live_hosts(snap: Snapshot, now: float | None) -> dict[int, Host]:
 
 
 def mappings(snap: Snapshot, now: float | None) -> list[Mapping]:
-    """The live mappings: clients of open, unexpired lobbies that have a host."""
+    """The live mappings: settled clients of open, unexpired lobbies that have a host.
+
+    A client's host side is the host's address as seen from that client's relay
+    port when its punch taught one (a symmetric NAT), else its registered address.
+    """
     live = {lb.id: lb for lb in snap.lobbies}
     hosts = live_hosts(snap, now)
     out = []
     for c in snap.clients:
         host = hosts.get(c.lobby_id)
-        if host is not None:
-            out.append(Mapping(live[c.lobby_id].name, c.proto, host.addr, c.addr, host.relay_port, c.relay_port,
-                               c.id))
+        if host is not None and not c.pending:  # a pending client waits for its host's punch
+            out.append(Mapping(live[c.lobby_id].name, c.proto, c.host or host.addr, c.addr, host.relay_port,
+                               c.relay_port, c.id))
     return out
 
 

@@ -17,34 +17,50 @@ from natctl.views import MappingView
 
 @dataclass(frozen=True)
 class Admission:
-    """A sender's mapping, and whether this packet made it (else it was queued behind its admission)."""
+    """A sender's mapping, and whether this packet made it (else it was queued behind its admission).
+
+    ``pending``: its host opens its NAT per client (registration v2) and has not yet: nothing is in
+    the kernel, the daemon holds the sender's packets until the host's punch (or a timeout) settles it.
+    """
 
     mapping: MappingView
     new: bool
+    client_id: int = 0
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered host, and whether this registration changed it (new, moved, or a new protocol version)."""
+
+    host: Host
+    changed: bool
 
 
 class Registrar:
     def __init__(self, rec: Reconciler) -> None:
         self.rec = rec
 
-    def register_host(self, token: str, addr: Endpoint) -> Host:
-        """Record ``addr`` as the host of the token's lobby; idempotent; a new address moves the lobby."""
+    def register_host(self, token: str, addr: Endpoint, opens: bool = False) -> Registration:
+        """Record ``addr`` as the host of the token's lobby; idempotent; a new address moves the lobby.
+
+        ``opens``: the host speaks registration v2 and answers OPENs (see natctl.daemon.wire)."""
         rec = self.rec
         lobby = admission.lobby_for_token(token, rec.store.lobbies_by_token(admission.hash_token(token)))
         if lobby is None or lobby.expired(rec.clock()):
             raise NotFound("unknown or expired lobby token", "create the lobby with 'natctl lobby create'")
         current = rec.store.host(lobby.id)
-        if current is not None and current.addr == addr:
-            return current  # a repeat: nothing changes
+        if current is not None and current.addr == addr and current.opens == opens:
+            return Registration(current, False)  # a repeat (a keepalive): nothing changes
         with rec.change(lambda st: rec.plan_lobby(st, lobby.id)) as txn:
             other = txn.store.host_at(addr)
             if other is not None and other.lobby_id != lobby.id:
                 raise Conflict(f"{addr} already hosts another lobby", "one game socket hosts one lobby")
             current = txn.store.host(lobby.id)
             port = current.relay_port if current else rec.allocator(txn.store).host_port()
-            host = Host(lobby.id, addr, port)
+            host = Host(lobby.id, addr, port, opens)
             txn.store.set_host(host, rec.clock())
-        return host
+        return Registration(host, True)
 
     def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp") -> Admission:
         """Give an unknown sender to a host port its client port and install both directions."""
@@ -64,7 +80,41 @@ class Registrar:
                 alloc = rec.allocator(store, host)
                 admission.check(lobby, addr, host.addr, len(alloc.client_ports[host.addr]), "sender")
                 now = rec.clock()
-                client = store.add_client(Client(0, lobby.id, proto, addr, alloc.client_port(host.addr), now, now))
+                pending = host.opens and proto == "udp"  # its elements wait for the host's punch
+                client = store.add_client(Client(0, lobby.id, proto, addr, alloc.client_port(host.addr), now, now,
+                                                 pending=pending))
                 new = True
-        return Admission(MappingView(lobby.name, proto, str(host.addr), str(addr), rec.relay_ip, host.relay_port,
-                                     client.relay_port, True), new)
+        return Admission(_view(lobby.name, host, client, rec.relay_ip), new, client.id, client.pending)
+
+    def settle(self, client_id: int, seen: Endpoint | None) -> Admission:
+        """Install a client's mapping with the host's address as its NAT showed it to the client's relay port.
+
+        ``seen`` is where the host's punch came from (None: it never came; the mapping then uses the
+        registered address, which works where the host's NAT lets traffic in). Also re-learns the
+        address of a client already installed (after the host moved). The punch must come from the
+        host's registered public IP (a NAT changes ports, not addresses).
+        """
+        rec = self.rec
+        client = rec.store.client_by_id(client_id)
+        host = rec.store.host(client.lobby_id) if client else None
+        lobby = rec.store.lobby_by_id(client.lobby_id) if client else None
+        if client is None or host is None or lobby is None:
+            raise NotFound("the client or its lobby is gone")
+        if seen is not None and seen.ip != host.addr.ip:
+            raise Conflict(f"a punch from {seen.ip}, not from the host's address {host.addr.ip}",
+                           "the host must punch from its registered game socket")
+        learned = None if seen is None or seen == host.addr else seen
+        if client.pending or client.host != learned:
+            key = (client.proto, client.addr)
+            with rec.change(lambda st: rec.plan_lobby(st, lobby.id, client=key)) as txn:
+                if txn.store.client_by_id(client_id) is None:
+                    raise NotFound("the client left while its host was opening its NAT")
+                txn.store.settle_client(client_id, learned)
+            client = rec.store.client_by_id(client_id) or client
+        return Admission(_view(lobby.name, host, client, rec.relay_ip), False, client.id, client.pending)
+
+
+def _view(lobby: str, host: Host, client: Client, relay_ip: str) -> MappingView:
+    """The mapping as the daemon delivers on it: ``host`` is where a client's packets go."""
+    return MappingView(lobby, client.proto, str(client.host or host.addr), str(client.addr), relay_ip,
+                       host.relay_port, client.relay_port, not client.pending)

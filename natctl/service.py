@@ -17,8 +17,8 @@ from natctl.config import Settings
 from natctl.forwards import Forwards
 from natctl.kernel.backend import Kernel
 from natctl.lobbies import Lobbies
-from natctl.model import Endpoint, Forward, Host, Lobby
-from natctl.registrar import Admission, Registrar
+from natctl.model import Client, Endpoint, Forward, Lobby
+from natctl.registrar import Admission, Registrar, Registration
 from natctl.store import Store
 from natctl.sync import Reconciler
 from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
@@ -99,11 +99,18 @@ class Service:
         """Host relay ports of open lobbies: where the daemon listens for unknown senders."""
         return self.rec.store.host_ports()
 
-    def register_host(self, token: str, addr: Endpoint) -> Host:
-        return self._registrar.register_host(token, addr)
+    def register_host(self, token: str, addr: Endpoint, opens: bool = False) -> Registration:
+        return self._registrar.register_host(token, addr, opens)
 
     def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp") -> Admission:
         return self._registrar.admit_client(host_port, addr, proto)
+
+    def settle_client(self, client_id: int, seen: Endpoint | None) -> Admission:
+        """Install a held client with the host's address its punch showed (None: the registered one)."""
+        return self._registrar.settle(client_id, seen)
+
+    def clients(self, lobby_id: int) -> list[Client]:
+        return self.rec.store.clients(lobby_id)
 
     def block(self, ip: str, host_port: int) -> None:
         """Drop a refused sender's packets to a host port in the kernel for a while."""

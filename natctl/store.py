@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS hosts (
   port INTEGER NOT NULL,
   relay_port INTEGER NOT NULL UNIQUE,
   created REAL NOT NULL,
+  opens INTEGER NOT NULL DEFAULT 0,
   UNIQUE (ip, port)
 );
 CREATE TABLE IF NOT EXISTS clients (
@@ -48,6 +49,9 @@ CREATE TABLE IF NOT EXISTS clients (
   created REAL NOT NULL,
   last_seen REAL NOT NULL,
   activity INTEGER NOT NULL DEFAULT 0,  -- kernel packet count when last_seen was set
+  host_ip TEXT,  -- the host as seen from this client's relay port (NULL: its registered address)
+  host_port INTEGER,
+  pending INTEGER NOT NULL DEFAULT 0,  -- waiting for the host to open its NAT; not in the kernel
   UNIQUE (lobby_id, proto, ip, port)
 );
 CREATE TABLE IF NOT EXISTS meta (
@@ -72,9 +76,21 @@ def _lobby(r: sqlite3.Row) -> Lobby:
                  r["token_hash"], bool(r["open"]), r["max_clients"])
 
 
+# Columns added after a release: a store made by an older natctl gets them on open.
+MIGRATIONS = {
+    "hosts": {"opens": "INTEGER NOT NULL DEFAULT 0"},
+    "clients": {"host_ip": "TEXT", "host_port": "INTEGER", "pending": "INTEGER NOT NULL DEFAULT 0"},
+}
+
+
+def _host(r: sqlite3.Row) -> Host:
+    return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"], bool(r["opens"]))
+
+
 def _client(r: sqlite3.Row) -> Client:
+    host = Endpoint(r["host_ip"], r["host_port"]) if r["host_ip"] is not None else None
     return Client(r["id"], r["lobby_id"], r["proto"], Endpoint(r["ip"], r["port"]), r["relay_port"],
-                  r["created"], r["last_seen"])
+                  r["created"], r["last_seen"], host, bool(r["pending"]))
 
 
 def _forward(r: sqlite3.Row) -> Forward:
@@ -97,9 +113,17 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as err:  # also "file is not a database": nothing was written to it
             self.db.close()
             raise self._busy(err) from None
+
+    def _migrate(self) -> None:
+        for table, columns in MIGRATIONS.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def _busy(self, err: sqlite3.Error) -> NatctlError:
         text = str(err)
@@ -139,8 +163,7 @@ class Store:
         return Snapshot(
             relay_ip=relay_ip,
             lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE closed IS NULL ORDER BY id")),
-            hosts=tuple(Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"])
-                        for r in q("SELECT * FROM hosts ORDER BY lobby_id")),
+            hosts=tuple(_host(r) for r in q("SELECT * FROM hosts ORDER BY lobby_id")),
             clients=tuple(_client(r) for r in q("SELECT * FROM clients ORDER BY id")),
             forwards=tuple(_forward(r) for r in q("SELECT * FROM forwards ORDER BY port")),
         )
@@ -156,8 +179,7 @@ class Store:
         return Snapshot(
             relay_ip=relay_ip,
             lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE id=? AND closed IS NULL", (lobby_id,))),
-            hosts=tuple(Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"])
-                        for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
+            hosts=tuple(_host(r) for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
             clients=tuple(_client(r) for r in q(f"SELECT * FROM clients WHERE {where} ORDER BY id", args)),
         )
 
@@ -180,11 +202,11 @@ class Store:
 
     def host(self, lobby_id: int) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,)).fetchone()
-        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+        return _host(r) if r else None
 
     def host_by_port(self, relay_port: int) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE relay_port=?", (relay_port,)).fetchone()
-        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+        return _host(r) if r else None
 
     def client_ports(self, lobby_id: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT relay_port FROM clients WHERE lobby_id=?", (lobby_id,))]
@@ -212,7 +234,7 @@ class Store:
 
     def host_at(self, addr: Endpoint) -> Host | None:
         r = self.db.execute("SELECT * FROM hosts WHERE ip=? AND port=?", (addr.ip, addr.port)).fetchone()
-        return Host(r["lobby_id"], Endpoint(r["ip"], r["port"]), r["relay_port"]) if r else None
+        return _host(r) if r else None
 
     def clients(self, lobby_id: int | None = None) -> list[Client]:
         if lobby_id is None:
@@ -250,15 +272,30 @@ class Store:
         self.db.execute("UPDATE lobbies SET closed=? WHERE id=?", (when, lobby_id))
 
     def set_host(self, host: Host, when: float) -> None:
-        self.db.execute("INSERT INTO hosts (lobby_id, ip, port, relay_port, created) VALUES (?,?,?,?,?) "
-                        "ON CONFLICT(lobby_id) DO UPDATE SET ip=excluded.ip, port=excluded.port",
-                        (host.lobby_id, host.addr.ip, host.addr.port, host.relay_port, when))
+        """Insert or move a lobby's host; a move forgets what its clients' punches taught (the NAT is new)."""
+        self.db.execute("UPDATE clients SET host_ip=NULL, host_port=NULL WHERE lobby_id=? AND host_ip IS NOT NULL "
+                        "AND EXISTS (SELECT 1 FROM hosts WHERE lobby_id=? AND (ip!=? OR port!=?))",
+                        (host.lobby_id, host.lobby_id, host.addr.ip, host.addr.port))
+        self.db.execute("INSERT INTO hosts (lobby_id, ip, port, relay_port, created, opens) VALUES (?,?,?,?,?,?) "
+                        "ON CONFLICT(lobby_id) DO UPDATE SET ip=excluded.ip, port=excluded.port, opens=excluded.opens",
+                        (host.lobby_id, host.addr.ip, host.addr.port, host.relay_port, when, int(host.opens)))
 
     def add_client(self, c: Client) -> Client:
         cur = self.db.execute(
-            "INSERT INTO clients (lobby_id, proto, ip, port, relay_port, created, last_seen) VALUES (?,?,?,?,?,?,?)",
-            (c.lobby_id, c.proto, c.addr.ip, c.addr.port, c.relay_port, c.created, c.last_seen))
-        return _client(self.db.execute("SELECT * FROM clients WHERE id=?", (cur.lastrowid,)).fetchone())
+            "INSERT INTO clients (lobby_id, proto, ip, port, relay_port, created, last_seen, host_ip, host_port, pending) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (c.lobby_id, c.proto, c.addr.ip, c.addr.port, c.relay_port, c.created, c.last_seen,
+             c.host.ip if c.host else None, c.host.port if c.host else None, int(c.pending)))
+        return self.client_by_id(cur.lastrowid or 0)  # type: ignore[return-value]
+
+    def client_by_id(self, client_id: int) -> Client | None:
+        r = self.db.execute("SELECT * FROM clients WHERE id=?", (client_id,)).fetchone()
+        return _client(r) if r else None
+
+    def settle_client(self, client_id: int, host: Endpoint | None) -> None:
+        """The host opened its NAT (``host``: where from) or did not (None): install the mapping."""
+        self.db.execute("UPDATE clients SET pending=0, host_ip=?, host_port=? WHERE id=?",
+                        (host.ip if host else None, host.port if host else None, client_id))
 
     def remove_client(self, client_id: int) -> None:
         self.db.execute("DELETE FROM clients WHERE id=?", (client_id,))

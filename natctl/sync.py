@@ -23,6 +23,7 @@ from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, KernelError
 from natctl.kernel.backend import Kernel
 from natctl.model import Endpoint, Host, Snapshot
+from natctl.preflight import ensure_forwarding
 from natctl.store import Store
 from natctl.views import SyncResult
 
@@ -60,6 +61,9 @@ class Reconciler:
         self._kernel: Kernel | None = None
         self._store: Store | None = None
         self._relay_ip = settings.relay_ip
+        # Once, before the first kernel write: the machine's own kernel must forward. A kernel handed in
+        # (tests, the bench) is the caller's business.
+        self.preflight: Callable[[Settings], None] | None = ensure_forwarding if kernel_factory is None else None
 
     # --- adapters, opened on first use so that read-only commands need no root
 
@@ -91,6 +95,13 @@ class Reconciler:
         if self._store is not None:
             self._store.close()
 
+    def check_forwarding(self) -> None:
+        """Once per process: IP forwarding on, or refused here (natctl.preflight). Every kernel write
+        runs it; the daemon also at start, when a kernel still in sync needs no write."""
+        if self.preflight is not None:
+            self.preflight(self.settings)
+            self.preflight = None
+
     # --- the one way to change state
 
     @contextmanager
@@ -107,6 +118,7 @@ class Reconciler:
         """
         if apply:
             _ = self.kernel  # fail fast (not root, no binding) before touching the store
+            self.check_forwarding()
         store = self.store
         txn = Txn(store)
         changes = planner.Changes()
@@ -134,7 +146,7 @@ class Reconciler:
                 effect.undo(store)
             raise
         if changes.delete and txn.result is not None:
-            txn.result = replace(txn.result, flows_forgotten=self.kernel.forget(changes))
+            txn.result = replace(txn.result, flows_forgotten=self.kernel.forget(changes.flows()))
 
     def _apply_scoped(self, store: Store, scope: Scope | None, before: frozenset, tag: int) -> planner.Changes | None:
         """Apply a scoped difference; None if the kernel refused it (it drifted from the store)."""

@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from natctl import __version__
-from natctl.cli import bench, daemon, forward, gm, lobby, maps
+from natctl.cli import bench, daemon, doctor, forward, gm, lobby, maps
 from natctl.cli.common import JsonOpt, say, service
 from natctl.model import format_duration
 from natctl.output import emit_json, table
+from natctl.views import cell
 
 app = typer.Typer(rich_markup_mode=None,
     name="natctl",
@@ -30,6 +31,7 @@ app.command()(gm.join)
 app.command()(daemon.serve)
 app.command("install-units")(daemon.install_units)
 app.command()(bench.bench)
+app.command()(doctor.doctor)
 
 
 def _version(value: bool) -> None:
@@ -80,15 +82,19 @@ def apply(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """What is installed, with packet and byte counters per mapping and forward."""
     svc = service(ctx)
+    # The same listings as 'map list' and 'forward list'.
     maps_ = svc.mappings(counters=True)
     fwds = svc.forwards(counters=True)
     lobbies = svc.lobbies()
+    failing = doctor.failing(svc.settings)
     if as_json:
         emit_json({"relay_ip": svc.relay_ip, "backend": svc.kernel.name, "lobbies": lobbies,
-                   "mappings": maps_, "forwards": fwds})
+                   "mappings": maps_, "forwards": fwds, "failing_checks": failing})
         return
     say(f"relay {svc.relay_ip}, backend {svc.kernel.name}, {len(lobbies)} lobbies, "
         f"{len(maps_)} mappings, {len(fwds)} forwards")
+    if failing:
+        say(f"failing checks: {', '.join(failing)} (run 'natctl doctor')")
     now = time.time()
     if lobbies:
         table("lobbies", ["name", "host", "host port", "clients", "expires in"],
@@ -99,13 +105,14 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     table("mappings", ["lobby", "proto", "client", "host", "host port", "client port", "installed",
                        "to host packets", "to client packets", "idle"]
           + (["by xdp to host packets", "by xdp to client packets"] if xdp else []),
-          [(m.lobby, m.proto, m.client, m.host, m.host_port, m.client_port, "yes" if m.installed else "NO",
-            m.to_host_packets, m.to_client_packets, format_duration(now - m.last_seen) if m.last_seen else "-")
-           + ((m.xdp_to_host_packets, m.xdp_to_client_packets) if xdp else ())
+          [(m.lobby, m.proto, m.client, m.host, m.host_port, m.client_port, cell(m.installed),
+            cell(m.to_host_packets), cell(m.to_client_packets),
+            format_duration(now - m.last_seen) if m.last_seen else "-")
+           + ((cell(m.xdp_to_host_packets), cell(m.xdp_to_client_packets)) if xdp else ())
            for m in maps_])
     if fwds:
         table("forwards", ["public port", "proto", "to", "ttl", "installed", "packets"],
-              [(f.port, f.proto, f.to, format_duration(f.ttl), "yes" if f.installed else "NO", f.packets)
+              [(f.port, f.proto, f.to, format_duration(f.ttl), cell(f.installed), cell(f.packets))
                for f in fwds])
 
 

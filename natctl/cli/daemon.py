@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from natctl.cli.common import say, settings
+from natctl.preflight import DROPIN_TEXT, SYSCTL_DROPIN
 
 # The unit files live in the checkout's rules/ (natctl is installed from a checkout, editable).
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -35,8 +36,11 @@ def serve(
 def install_units(
     systemd_dir: Annotated[str, typer.Option(help="Where systemd units go.")] = "/etc/systemd/system",
     cron_dir: Annotated[str, typer.Option(help="Where the cron file goes (empty: skip cron).")] = "",
+    sysctl_dir: Annotated[Optional[str], typer.Option(help="Where the drop-in that keeps IP forwarding on goes "
+                                                      "(empty: skip it). (default: the sysctl.d beside --systemd-dir: "
+                                                      "/etc/sysctl.d)", show_default=False)] = None,
 ) -> None:
-    """Install natctl.service, natctl-cleanup.service/.timer (and optionally the cron file)."""
+    """Install natctl.service, natctl-cleanup.service/.timer, 60-natctl.conf (ip_forward) and optionally cron."""
     exe = shutil.which("natctl") or os.path.join(os.path.dirname(sys.executable), "natctl")
     written = []
     for name in ("natctl.service", "natctl-cleanup.service", "natctl-cleanup.timer"):
@@ -49,6 +53,14 @@ def install_units(
         dest = Path(cron_dir) / "natctl"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text((RULES / "natctl.cron").read_text().replace("/usr/local/bin/natctl", exe))
+        written.append(str(dest))
+    if sysctl_dir is None:  # under the same root as the units, so a test's --systemd-dir keeps it out of /etc
+        units = Path(systemd_dir)
+        sysctl_dir = str((units.parent.parent if units.parts[-2:] == ("systemd", "system") else units.parent) / "sysctl.d")
+    if sysctl_dir:  # read at every boot: the relay forwards before natctl's first change
+        dest = Path(sysctl_dir) / SYSCTL_DROPIN
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(DROPIN_TEXT)
         written.append(str(dest))
     say("installed " + ", ".join(written))
     say("now: systemctl daemon-reload && systemctl enable --now natctl.service natctl-cleanup.timer")

@@ -7,8 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
+from natctl.cli.maps import unread
 from natctl.model import FORWARD_PROTOS, format_duration, parse_duration, parse_endpoint, parse_port, parse_proto
 from natctl.output import emit_json, table, when
+from natctl.views import cell
 
 app = typer.Typer(rich_markup_mode=None, help="Static port forwards: public port -> address:port.", no_args_is_help=True)
 
@@ -42,11 +44,13 @@ def remove(ctx: typer.Context, port: str, no_apply: NoApplyOpt = False) -> None:
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List forwards."""
-    rows = service(ctx).forwards()
+    """List forwards, whether the kernel holds each and what it carried (as 'natctl status')."""
+    rows = service(ctx).forwards(counters=True)
+    unread(rows)
     if as_json:
         emit_json(rows)
         return
-    table("forwards", ["public port", "proto", "to", "ttl", "expires", "owner"],
-          [(f.port, f.proto, f.to, format_duration(f.ttl), when(f.expires), f.owner or "-") for f in rows],
+    table("forwards", ["public port", "proto", "to", "ttl", "expires", "owner", "installed", "packets"],
+          [(f.port, f.proto, f.to, format_duration(f.ttl), when(f.expires), f.owner or "-", cell(f.installed),
+            cell(f.packets)) for f in rows],
           empty="no forwards: add one with 'natctl forward add'")

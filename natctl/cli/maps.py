@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, warn
 from natctl.model import parse_endpoint, parse_proto
 from natctl.output import emit_json, table
+from natctl.views import ForwardView, MappingView, cell
 
 app = typer.Typer(rich_markup_mode=None, help="Map clients to a lobby's host through relay ports.", no_args_is_help=True)
 
@@ -50,11 +52,21 @@ def remove(ctx: typer.Context, lobby: LobbyOpt,
 @app.command("list")
 def list_(ctx: typer.Context, lobby: Annotated[Optional[str], typer.Option(help="Only this lobby.")] = None,
           as_json: JsonOpt = False) -> None:
-    """List mappings (from the store; 'natctl status' adds kernel counters)."""
-    rows = [m for m in service(ctx).mappings() if lobby is None or m.lobby == lobby]
+    """List mappings, whether the kernel holds each and what it carried (as 'natctl status')."""
+    rows = [m for m in service(ctx).mappings(counters=True) if lobby is None or m.lobby == lobby]
+    unread(rows)
     if as_json:
         emit_json(rows)
         return
-    table("mappings", ["lobby", "proto", "client", "host", "relay", "host port", "client port"],
-          [(m.lobby, m.proto, m.client, m.host, m.relay_ip or "-", m.host_port, m.client_port) for m in rows],
+    table("mappings", ["lobby", "proto", "client", "host", "relay", "host port", "client port", "installed",
+                       "to host packets", "to client packets"],
+          [(m.lobby, m.proto, m.client, m.host, m.relay_ip or "-", m.host_port, m.client_port, cell(m.installed),
+            cell(m.to_host_packets), cell(m.to_client_packets)) for m in rows],
           empty="no mappings: add one with 'natctl map add'")
+
+
+def unread(rows: Sequence[MappingView | ForwardView]) -> None:
+    """Say once why a listing's kernel fields are missing (JSON) or '?' (tables)."""
+    if any(r.installed is None for r in rows):
+        warn("could not read table inet natctl (natctl needs root and the nftables binding for it): "
+             "installed and counters are left out")

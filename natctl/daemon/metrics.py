@@ -13,6 +13,10 @@ REJECTIONS = Counter("natctl_rejections", "Packets from senders a lobby does not
                      registry=REGISTRY)
 DELIVERED = Counter("natctl_first_packets_delivered", "Packets delivered by the daemon while admitting",
                     registry=REGISTRY)
+PUNCHES = Counter("natctl_punches", "Hosts asked to open their NAT toward a client port, by outcome", ["result"],
+                  registry=REGISTRY)
+PUNCH_REJECTS = Counter("natctl_punch_rejections", "Datagrams on a client port that were not a host's punch",
+                        ["reason"], registry=REGISTRY)
 MAPPINGS = Gauge("natctl_active_mappings", "Client mappings installed", registry=REGISTRY)
 SYNC_SECONDS = Histogram("natctl_sync_duration_seconds", "Time to change the kernel, per change",
                          buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5), registry=REGISTRY)

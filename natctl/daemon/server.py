@@ -20,9 +20,12 @@ from natctl.admission import NotAllowed
 from natctl.config import Settings
 from natctl.daemon import metrics, wire
 from natctl.daemon.log import Repeats, log
+from natctl.daemon.punch import Punches
 from natctl.daemon.ratelimit import RateLimiter
 from natctl.errors import Busy, Conflict, NatctlError, NotFound
 from natctl.model import Endpoint
+from natctl.preflight import local_or_any as _local_or_any
+from natctl.registrar import Admission
 from natctl.service import Service
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -69,7 +72,7 @@ class Registrar(asyncio.DatagramProtocol):
             return
         svc = self.daemon.svc
         try:
-            host = svc.register_host(req.token, Endpoint(addr[0], addr[1]))
+            reg = svc.register_host(req.token, Endpoint(addr[0], addr[1]), opens=req.opens)
         except NotFound:  # a wrong token gets no answer: nothing to learn from us
             metrics.REGISTRATION_REJECTS.labels("token").inc()
             self.daemon.repeats.note(time.monotonic(), "registration_refused", source=source, reason="unknown token")
@@ -77,15 +80,22 @@ class Registrar(asyncio.DatagramProtocol):
         except Conflict as err:
             metrics.REGISTRATION_REJECTS.labels("conflict").inc()
             self.daemon.repeats.note(time.monotonic(), "registration_refused", source=source, reason=err.message)
-            self.transport.sendto(wire.encode_error(req.nonce, wire.ERR_SERVER), addr)
+            self.transport.sendto(wire.encode_error(req.nonce, wire.ERR_SERVER, req.version), addr)
             return
         except NatctlError as err:
             metrics.SYNC_FAILURES.inc()
             log("registration_failed", source=source, error=str(err))
             return
+        host = reg.host
         metrics.REGISTRATIONS.inc()
-        log("registered", lobby_id=host.lobby_id, host=str(host.addr), host_port=host.relay_port)
-        self.transport.sendto(wire.encode_registered(req.nonce, svc.relay_ip, host.relay_port), addr)
+        if reg.changed:  # keepalives repeat a registration every few seconds: log only what changed
+            log("registered", lobby_id=host.lobby_id, host=str(host.addr), host_port=host.relay_port,
+                version=req.version)
+        self.transport.sendto(wire.encode_registered(req.nonce, svc.relay_ip, host.relay_port, req.version), addr)
+        if reg.changed and host.opens:  # a moved host's NAT is new: ask it to open toward its clients again
+            for c in svc.clients(host.lobby_id):
+                if c.proto == "udp" and not c.pending:
+                    self.daemon.punches.relearn(c.id, host.addr, c.relay_port)
         self.daemon.refresh_host_ports()
 
 
@@ -121,6 +131,8 @@ class Daemon:
         self._worker_svc: Service | None = None
         self._opening: set[int] = set()
         self._next_verify = time.monotonic() + VERIFY_SECONDS
+        self.registration: asyncio.DatagramTransport | None = None
+        self.punches = Punches(self)
 
     def refresh_host_ports(self) -> None:
         """Listen on exactly the host relay ports of open lobbies."""
@@ -163,11 +175,30 @@ class Daemon:
         took = time.perf_counter() - start
         metrics.SYNC_SECONDS.observe(took)
         m = admitted.mapping
-        self.deliver(m.client_port, m.host, data)
+        if admitted.pending:  # its host opens its NAT first (registration v2): hold the packet until then
+            self.punches.hold(admitted, data)
+        else:
+            self.deliver(m.client_port, m.host, data)
         if admitted.new:  # a new client, not a packet queued behind its admission
             metrics.ADMISSIONS.inc()
             log("admitted", lobby=m.lobby, client=m.client, client_port=m.client_port, host_port=host_port,
-                ms=round(took * 1000, 2))
+                ms=round(took * 1000, 2), waits_for_host=admitted.pending or None)
+
+    def settle(self, client_id: int, seen: Endpoint | None) -> Admission | None:
+        """Install a held client (see natctl.daemon.punch); errors are logged, never raised into the loop."""
+        try:
+            return self.svc.settle_client(client_id, seen)
+        except NotFound:
+            return None  # it left, or its lobby closed, while its host was opening
+        except NatctlError as err:
+            metrics.SYNC_FAILURES.inc()
+            log("settle_failed", error=str(err))
+            return None
+
+    def send_open(self, data: bytes, host: Endpoint) -> None:
+        """An OPEN leaves from the registration port, the one the host's NAT already lets answers in from."""
+        if self.registration is not None:
+            self.registration.sendto(data, (host.ip, host.port))
 
     def deliver(self, client_port: int, host: str, data: bytes) -> None:
         """Hand a client's first packet to the host, as the kernel will hand the next ones."""
@@ -211,6 +242,7 @@ class Daemon:
         reg, _ = await self.loop.create_datagram_endpoint(lambda: Registrar(self),
                                                           local_addr=(self.bind_ip, settings.registration_port))
         _deep_queue(reg)
+        self.registration = reg
         self.refresh_host_ports()
         next_cleanup = time.monotonic() + settings.cleanup_interval
         try:
@@ -236,21 +268,11 @@ class Daemon:
                         log("cleanup", **gone)
         finally:
             self.repeats.flush(time.monotonic(), force=True)
+            self.punches.close()
             reg.close()
             for t in self.host_ports.values():
                 t.close()
             self.worker.shutdown(wait=True)
-
-
-def _local_or_any(ip: str) -> str:
-    """Listen on the relay IP itself, so every reply leaves from the address the peer sent to
-    (on a VPS whose public IP sits on lo or is a secondary address, 0.0.0.0 answers from another)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((ip, 0))
-            return ip
-        except OSError:
-            return "0.0.0.0"
 
 
 RCVBUF = 4 << 20  # bytes: a burst of registrations or first packets waits here instead of being dropped
@@ -272,6 +294,7 @@ def serve(settings: Settings) -> int:
     fd = lock(settings.state)
     try:
         svc = Service(settings)
+        svc.rec.check_forwarding()  # a reboot may have turned it off while the kernel's maps came back in sync
         # After a reboot (no table, no tag) rebuild the kernel from the store; after a restart
         # the kernel still carries the store's tag and is trusted (cleanup verifies in full later).
         in_sync = svc.in_sync()

@@ -194,7 +194,7 @@ class GmService:
         tunnel = self.vpn.tunnels([gm], now)[name]
         if tunnel.state != "up":
             raise TunnelDown(f"GM {name}'s tunnel is down", tunnel.problem)
-        _need_forwarding()
+        self.rec.check_forwarding()  # forwards into the tunnel are routed traffic (natctl.preflight)
         if session is not None:  # expired, not yet cleaned up: its port is this GM's to reuse
             self.forwards.remove(session.port)
         fwd = self.forwards.add(gm.port, Endpoint(gm.address, game_port), proto, ttl, owner=OWNER + name)
@@ -207,14 +207,3 @@ class GmService:
             raise NotFound(f"GM {name} has no open session", f"open one: natctl gm open {name}")
         return self.forwards.remove(session.port)
 
-
-def _need_forwarding() -> None:
-    """Forwards into the tunnel are routed traffic: the relay must forward IPv4."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_forward") as fh:
-            on = fh.read().strip() == "1"
-    except OSError:
-        return
-    if not on:
-        raise KernelError("IPv4 forwarding is off on the relay, so players cannot reach the VPN",
-                          "turn it on: sysctl -w net.ipv4.ip_forward=1 (and in /etc/sysctl.d to keep it)")

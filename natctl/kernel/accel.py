@@ -17,7 +17,7 @@ from natctl.errors import KernelError, NatctlError
 from natctl.kernel.backend import Kernel, NftKernel
 from natctl.kernel.nft import Installed
 from natctl.kernel.xdp import PIN_ROOT, Program, XdpUnavailable, detach
-from natctl.plan import NFT_SETS, XDP, Changes, Element
+from natctl.plan import NFT_SETS, XDP, Changes, Element, Flow
 
 
 def warn(text: str) -> None:
@@ -84,8 +84,8 @@ class XdpKernel:
         self.owns = NFT_SETS
         self.prog.close()
 
-    def forget(self, changes: Changes) -> int:
-        return self.nft.forget(changes)
+    def forget(self, flows: list[Flow]) -> int:
+        return self.nft.forget(flows)
 
     def block(self, ip: str, port: int) -> None:
         self.nft.block(ip, port)  # refused senders are dropped by nftables; XDP passes unknown keys to it

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from natctl.kernel.nft import DELIVERY_MARK, Installed
-from natctl.plan import NFT_SETS, Changes
+from natctl.plan import NFT_SETS, Changes, Flow
 
 
 class Kernel(Protocol):
@@ -31,7 +31,9 @@ class Kernel(Protocol):
 
     def apply(self, changes: Changes) -> None: ...
 
-    def forget(self, changes: Changes) -> int: ...
+    def forget(self, flows: list[Flow]) -> int:
+        """Delete the conntrack entries of these flows, so their next packet is NATed anew."""
+        ...
 
     def block(self, ip: str, port: int) -> None:
         """Drop ``ip``'s packets to host port ``port`` in the kernel for a while (a refused sender)."""
@@ -59,10 +61,10 @@ class NftKernel:
     def apply(self, changes: Changes) -> None:
         self.nft.apply(changes)
 
-    def forget(self, changes: Changes) -> int:
+    def forget(self, flows: list[Flow]) -> int:
         from natctl.kernel import conntrack
 
-        return conntrack.forget(changes.flows())
+        return conntrack.forget(flows)
 
     def block(self, ip: str, port: int) -> None:
         self.nft.block(ip, port)

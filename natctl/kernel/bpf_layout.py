@@ -20,7 +20,7 @@ MAX_ENTRIES = 262144
 
 # enum natctl_counter, in order.
 COUNTERS = ("seen", "tx", "redirect", "pass_not_ipv4", "pass_malformed", "pass_options", "pass_fragment",
-            "pass_not_udp", "pass_no_key", "pass_ttl", "pass_no_neigh", "pass_fib")
+            "pass_not_udp", "pass_no_key", "pass_ttl", "pass_no_neigh", "pass_fib", "pass_punch")
 
 
 class Key(C.BigEndianStructure):

@@ -6,8 +6,10 @@ old flow would keep its translation after its mapping is gone.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from natctl.plan import Flow
 
@@ -18,6 +20,16 @@ def forget(flows: list[Flow]) -> int:
     """Delete entries whose original tuple matches a flow. Returns how many went."""
     if not flows:
         return 0
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _forget(flows)
+    # pyroute2 runs an event loop of its own, which cannot start inside the daemon's: use a thread.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="natctl-conntrack") as pool:
+        return pool.submit(_forget, flows).result()
+
+
+def _forget(flows: list[Flow]) -> int:
     from pyroute2 import Conntrack
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple

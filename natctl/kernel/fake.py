@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from natctl.errors import KernelError
 from natctl.kernel.nft import DELIVERY_MARK, TABLE, TYPES, Installed, element_text, render
 from natctl.model import Endpoint
-from natctl.plan import DNAT, FWD, MASQ, NFT_SETS, SNAT, Changes, Element
+from natctl.plan import DNAT, FWD, MASQ, NFT_SETS, SNAT, Changes, Element, Flow
 
 
 def _ok(kind: str, v: object) -> bool:
@@ -82,6 +82,7 @@ class FakeKernel:
         self.gen: int | None = None
         self.reads = 0  # full reads: tests check that scoped changes avoid them
         self.blocked: list[tuple[str, int]] = []
+        self.forgotten: list[Flow] = []  # conntrack flows natctl asked to forget
 
     def read(self, sets: Iterable[str] | None = None) -> Installed:
         if sets is not None:
@@ -111,8 +112,9 @@ class FakeKernel:
     def generation(self) -> int | None:
         return self.gen
 
-    def forget(self, changes: Changes) -> int:
-        return len(changes.flows())
+    def forget(self, flows: list[Flow]) -> int:
+        self.forgotten.extend(flows)
+        return len(flows)
 
     def block(self, ip: str, port: int) -> None:
         self.blocked.append((ip, port))

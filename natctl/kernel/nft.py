@@ -20,7 +20,7 @@ from natctl.plan import DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Elem
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v6"
+SCHEMA = "schema_v7"
 # Packets natctl's daemon sends itself (a client's first packets, delivered to
 # the host from relay:client_port) carry this mark and skip conntrack, so they
 # never take the tuple the client's own flow will need.
@@ -30,6 +30,9 @@ DELIVERY_MARK = 0x4E415443
 UNKNOWN_RATE_PER_SOURCE = "200/second burst 100 packets"
 UNKNOWN_RATE_TOTAL = "2000/second burst 500 packets"
 BLOCK_SECONDS = 60
+# A PUNCH starts "NATC", version 2, type 5 (natctl.daemon.wire): 6 bytes after the UDP header.
+PUNCH_HEAD = int.from_bytes(b"NATC\x02\x05", "big")
+PUNCH_SIZE = 10
 CHUNK = 2000  # elements per statement: keeps each line short, still one transaction
 
 CHAINS = ("rawpre", "prerouting", "forward", "input", "output", "postrouting")  # skeleton()'s
@@ -75,6 +78,8 @@ def skeleton() -> str:
             # conntrack entry, so that once it is admitted its next packet is NATed.
             "  chain rawpre {",
             "    type filter hook prerouting priority raw; policy accept;",
+            # A host's PUNCH (natctl.daemon.wire) is for the daemon only: untracked, so never NATed to a client.
+            f"    udp length {8 + PUNCH_SIZE} @th,64,48 {PUNCH_HEAD:#x} notrack",
             f"    udp dport @{HOSTPORTS} ip saddr . meta l4proto . udp sport . udp dport != @{DNAT} notrack",
             "  }",
             "  chain prerouting {",

@@ -5,7 +5,7 @@
               │
             inet  (routes between everyone: 198.18.N.254 per router)
           ┌───┴──────────────┐
-   router home-host      router home-clients     (wan 198.18.N.2, masquerade)
+   router home-host      router home-clients     (wan 198.18.N.2, a NAT of each kind: home_router())
           │               │            │
         host           client1      client2      (198.19.N.10+, behind br0)
 ```
@@ -22,30 +22,42 @@ from natctl.lab.netns import delete, need, run
 RELAY_IP = "198.18.0.1"
 INET_RELAY_SIDE = "198.18.0.254"
 
-# A home router as most are: masquerade (keeping the port when it is free) and
-# address-restricted cone filtering: once a machine behind it has sent UDP to
-# an address, replies from any port of that address come in. That is what lets
-# a relay reach a host from a new relay port after the host registered.
-HOME_ROUTER = """table ip home {
-  map cone {
-    type inet_service . ipv4_addr : ipv4_addr
-    flags dynamic,timeout
-    timeout 10m
-  }
-  chain prerouting {
-    type nat hook prerouting priority dstnat; policy accept;
-    iifname "wan" meta l4proto udp dnat to udp dport . ip saddr map @cone
-  }
-  chain forward {
-    type filter hook forward priority filter; policy accept;
-    oifname "wan" meta l4proto udp update @cone { udp sport . ip daddr : ip saddr }
-  }
-  chain postrouting {
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname "wan" masquerade
-  }
-}
-"""
+# Home routers come in the kinds RFC 4787 names. Each masquerades its LAN
+# behind its wan address; they differ in which packets from outside they let in.
+PORT_RESTRICTED = "port-restricted"  # stock Linux masquerade: replies only from the exact address:port sent to
+ADDRESS_RESTRICTED = "address-restricted"  # from any port of an address the machine sent to
+FULL_CONE = "full-cone"  # from anyone, once the machine has sent anything out
+SYMMETRIC = "symmetric"  # masquerade random: a new external port for every new destination
+NAT_KINDS = (PORT_RESTRICTED, ADDRESS_RESTRICTED, FULL_CONE, SYMMETRIC)
+DEFAULT_NAT = PORT_RESTRICTED
+
+
+def home_router(kind: str = DEFAULT_NAT) -> str:
+    """The nftables ruleset of a home router of ``kind``.
+
+    The cones keep masquerade's port (it keeps the source port when free) and
+    let matching packets in through a map that outbound UDP refreshes, keyed by
+    that port (full cone) or by port and remote address (address-restricted).
+    """
+    if kind not in NAT_KINDS:
+        raise ValueError(f"unknown NAT kind {kind!r}: one of {', '.join(NAT_KINDS)}")
+    masq = "masquerade random" if kind == SYMMETRIC else "masquerade"
+    cone = {FULL_CONE: ("inet_service", "udp dport", "udp sport"),
+            ADDRESS_RESTRICTED: ("inet_service . ipv4_addr", "udp dport . ip saddr", "udp sport . ip daddr")}
+    lines = ["table ip home {"]
+    if kind in cone:
+        ktype, inbound, outbound = cone[kind]
+        lines += [
+            "  map cone {", f"    type {ktype} : ipv4_addr", "    flags dynamic,timeout", "    timeout 10m", "  }",
+            "  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;",
+            f'    iifname "wan" meta l4proto udp dnat to {inbound} map @cone', "  }",
+            "  chain forward {", "    type filter hook forward priority filter; policy accept;",
+            f'    oifname "wan" meta l4proto udp update @cone {{ {outbound} : ip saddr }}', "  }",
+        ]
+    lines += ["  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
+              f'    oifname "wan" {masq}', "  }", "}", ""]
+    return "\n".join(lines)
+
 
 # router name -> members behind it. Order matters: it fixes the addresses.
 DEFAULT_SITES: dict[str, list[str]] = {"home-host": ["host"], "home-clients": ["client1", "client2"]}
@@ -68,6 +80,7 @@ class Lab:
     relay_ip: str = RELAY_IP
     members: dict[str, Member] = field(default_factory=dict)
     routers: dict[str, str] = field(default_factory=dict)  # router name -> ns
+    nat: dict[str, str] = field(default_factory=dict)  # router name -> NAT kind
     created: list[str] = field(default_factory=list)  # namespaces, in creation order
 
     def ns(self, name: str) -> str:
@@ -103,12 +116,20 @@ def _sysctl(ns: str, *settings: str) -> None:
     run(["sysctl", "-q", "-w", *settings], ns=ns)
 
 
-def build(sites: dict[str, list[str]] | None = None, prefix: str | None = None) -> Lab:
-    """Create the lab; on any failure, remove what was made and re-raise."""
+def build(sites: dict[str, list[str]] | None = None, prefix: str | None = None,
+          nat: str | dict[str, str] = DEFAULT_NAT) -> Lab:
+    """Create the lab; on any failure, remove what was made and re-raise.
+
+    ``nat`` is the kind of every home router, or a kind per router name (the rest get the default).
+    """
     need("ip", "nft", "sysctl")
     sites = DEFAULT_SITES if sites is None else sites
     prefix = prefix or "nl" + secrets.token_hex(3)
     lab = Lab(prefix, f"{prefix}-relay", f"{prefix}-inet")
+    kinds = nat if isinstance(nat, dict) else dict.fromkeys(sites, nat)
+    lab.nat = {router: kinds.get(router, DEFAULT_NAT) for router in sites}
+    for kind in lab.nat.values():
+        home_router(kind)  # an unknown kind fails here, before anything is made
     try:
         _build(lab, sites)
     except BaseException:
@@ -120,7 +141,8 @@ def build(sites: dict[str, list[str]] | None = None, prefix: str | None = None) 
 def _build(lab: Lab, sites: dict[str, list[str]]) -> None:
     inet, relay = _ns(lab, "inet"), _ns(lab, "relay")
     _sysctl(inet, "net.ipv4.ip_forward=1")
-    _sysctl(relay, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0")
+    # The relay starts as a fresh VPS does, with forwarding off: natctl turns it on (natctl.preflight).
+    _sysctl(relay, "net.ipv4.ip_forward=0", "net.ipv4.conf.all.send_redirects=0")
     _veth(relay, "eth0", inet, "p0")
     run(["ip", "-n", relay, "addr", "add", f"{lab.relay_ip}/24", "dev", "eth0"])
     run(["ip", "-n", inet, "addr", "add", f"{INET_RELAY_SIDE}/24", "dev", "p0"])
@@ -137,7 +159,7 @@ def _build(lab: Lab, sites: dict[str, list[str]]) -> None:
         run(["ip", "-n", rns, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", rns, "addr", "add", f"198.19.{n}.1/24", "dev", "br0"])
         run(["ip", "-n", rns, "link", "set", "br0", "up"])
-        run(["nft", "-f", "-"], ns=rns, input=HOME_ROUTER)
+        run(["nft", "-f", "-"], ns=rns, input=home_router(lab.nat[router]))
         for m, member in enumerate(members):
             mns = _ns(lab, member)
             ip = f"198.19.{n}.{10 + m}"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from natctl.lab.netns import entered
 
@@ -27,6 +29,16 @@ def tcp_connect(ns: str, addr: tuple[str, int], timeout: float = 3.0) -> socket.
     return s
 
 
+class Datagrams(Protocol):
+    """A UDP socket, or what stands in for one (natctl.lab.gamehost.GameHost)."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int], /) -> int: ...
+
+    def recvfrom(self, size: int, /) -> tuple[bytes, tuple[str, int]]: ...
+
+    def settimeout(self, seconds: float | None, /) -> None: ...
+
+
 def payload(size: int) -> bytes:
     return os.urandom(size)
 
@@ -41,7 +53,7 @@ class Delivery:
     intact: bool
 
 
-def send_and_receive(sender: socket.socket, receiver: socket.socket, to: tuple[str, int], data: bytes,
+def send_and_receive(sender: Datagrams, receiver: Datagrams, to: tuple[str, int], data: bytes,
                      sender_name: str = "", receiver_name: str = "", timeout: float = 2.0) -> Delivery:
     """Send one datagram and wait for it; ``seen_from`` is None if it never arrived."""
     receiver.settimeout(timeout)
@@ -51,6 +63,19 @@ def send_and_receive(sender: socket.socket, receiver: socket.socket, to: tuple[s
     except TimeoutError:
         return Delivery(sender_name, receiver_name, to, None, len(data), False)
     return Delivery(sender_name, receiver_name, to, src, len(data), got == data)
+
+
+def collect(sock: Datagrams, count: int, seconds: float = 3.0) -> list[tuple[bytes, tuple[str, int]]]:
+    """Receive up to ``count`` datagrams within ``seconds``."""
+    got: list[tuple[bytes, tuple[str, int]]] = []
+    deadline = time.monotonic() + seconds
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            got.append(sock.recvfrom(65535))
+        except (TimeoutError, OSError):
+            break
+    return got
 
 
 def drain(sock: socket.socket) -> list[tuple[bytes, tuple[str, int]]]:

@@ -12,6 +12,7 @@ import pytest
 from natctl.lab import topology
 from natctl.lab.netns import run
 from natctl.lab.traffic import udp_socket
+from support import labs
 from support.cli import Cli
 
 HOST_PORT = 27015
@@ -19,14 +20,11 @@ HOST_PORT = 27015
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[topology.Lab]:
-    """The demo's topology plus a second lobby's host and a stranger, one per test module."""
-    sites = {"home-host": ["host"], "home-clients": ["client1", "client2"], "home-host2": ["host2"],
-             "elsewhere": ["stranger"]}
-    lab = topology.build(sites)
-    try:
-        yield lab
-    finally:
-        lab.teardown()
+    """The demo's topology plus a second lobby's host and a stranger, one per test module.
+
+    Home routers are stock Linux masquerade (port-restricted). Modules about hand-made mappings
+    override it with ``support.labs.cone_lab`` and say why."""
+    yield from labs.built(topology.DEFAULT_NAT)
 
 
 @pytest.fixture

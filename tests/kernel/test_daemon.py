@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 
@@ -14,52 +13,13 @@ import pytest
 from natctl.daemon import wire
 from natctl.daemon.client import register
 from natctl.errors import NatctlError
-from natctl.lab.netns import natctl_argv, run, spawn, stop
-from natctl.lab.traffic import drain, udp_socket
+from natctl.lab.gamehost import GameHost
+from natctl.lab.netns import natctl_argv, run
+from natctl.lab.traffic import collect, drain, udp_socket
+from support.serve import Daemon
 
 pytestmark = pytest.mark.kernel
 REG = 8809
-
-
-class Daemon:
-    """`natctl serve` in the relay namespace, its JSON log in a file."""
-
-    def __init__(self, lab, state: str, log: str, *args: str) -> None:
-        self.lab, self.state, self.log, self.args = lab, state, log, args
-        self.proc: subprocess.Popen | None = None
-
-    def events(self, name: str | None = None) -> list[dict]:
-        out = []
-        for line in open(self.log).read().splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if name is None or rec["event"] == name:
-                    out.append(rec)
-        return out
-
-    def start(self) -> Daemon:
-        started = len(self.events("started")) if os.path.exists(self.log) else 0
-        with open(self.log, "ab") as out:
-            self.proc = spawn(natctl_argv(self.state, "serve", *self.args), ns=self.lab.relay_ns, stdout=out, stderr=out,
-                              env={**os.environ, "NATCTL_CONFIG": "/nonexistent"})
-        deadline = time.monotonic() + 10
-        while len(self.events("started")) == started:
-            assert self.proc.poll() is None, open(self.log).read()
-            assert time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.05)
-        time.sleep(0.2)  # the registration port opens right after the start line
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> int | None:
-        if self.proc:
-            stop(self.proc)
-            return self.proc.returncode
-        return None
 
 
 @pytest.fixture
@@ -92,28 +52,21 @@ def hosted(lab, relay, daemon, game, *create_args: str) -> tuple[str, int, str]:
     """
     token = lobby(relay, "g", *create_args)
     daemon.start()
-    relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+    # The host's router is stock masquerade: the host runs the reference client's loop (registration v2),
+    # which opens its NAT toward each new client. From here on that loop owns the game socket.
+    game["host"] = GameHost(game["host"], (lab.relay_ip, REG), token)
+    relay_ip, host_port = game["host"].start()
     time.sleep(0.3)  # the daemon opens its listener on the new host port
     return relay_ip, host_port, token
-
-
-def collect(sock, count: int, seconds: float = 3.0) -> list[tuple[bytes, tuple[str, int]]]:
-    """Receive up to ``count`` datagrams within ``seconds``."""
-    got, deadline = [], time.monotonic() + seconds
-    while len(got) < count and (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            got.append(sock.recvfrom(65535))
-        except (TimeoutError, OSError):
-            break
-    return got
 
 
 def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon, game):
     relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
     assert relay_ip == lab.relay_ip
-    # Registration is idempotent: the same answer again, nothing changes.
-    assert register(game["host"], (lab.relay_ip, REG), token) == (relay_ip, host_port)
+    # Registration is idempotent: a keepalive changes nothing (and is not logged again).
+    game["host"].session._next_keepalive = 0
+    time.sleep(0.3)
+    assert len(daemon.events("registered")) == 1 and relay.json("lobby", "list")[0]["host_port"] == host_port
     sent = {}
     for name in ("client1", "client2"):
         sent[name] = [f"{name}-{i}-".encode() + os.urandom(40) for i in range(5)]
@@ -268,7 +221,8 @@ def test_metrics_endpoint_and_status(lab, relay, tmp_path, game):
     d = Daemon(lab, relay.state, str(tmp_path / "m.log"), "--metrics", "127.0.0.1:9808")
     try:
         d.start()
-        relay_ip, host_port = register(game["host"], (lab.relay_ip, REG), token)
+        game["host"] = GameHost(game["host"], (lab.relay_ip, REG), token)
+        relay_ip, host_port = game["host"].start()
         time.sleep(0.3)
         game["client1"].sendto(b"hi", (relay_ip, host_port))
         assert len(collect(game["host"], 1)) == 1
@@ -299,14 +253,15 @@ FLOATING = "198.18.0.9"  # a routed (floating) public IP on the relay's lo, besi
 
 def test_a_relay_ip_on_lo_answers_from_itself_through_masquerading_routers(lab, relay, daemon, game, monkeypatch):
     """The host's router is stock masquerade: it lets in only what comes from the exact address and port the
-    host sent to. Registration answers and the first delivered packet must leave from FLOATING, not eth0's."""
+    host sent to. Registration answers, OPENs and the held packets must leave from FLOATING, not eth0's."""
     run(["ip", "addr", "add", f"{FLOATING}/32", "dev", "lo"], ns=lab.relay_ns)
     run(["ip", "route", "add", f"{FLOATING}/32", "via", lab.relay_ip], ns=lab.ns("inet"))
     monkeypatch.setenv("NATCTL_RELAY_IP", FLOATING)  # for the CLI and the daemon alike
     try:
         token = lobby(relay, "g", "--open")
         daemon.start()
-        assert register(game["host"], (FLOATING, REG), token, tries=4)[0] == FLOATING
+        game["host"] = GameHost(game["host"], (FLOATING, REG), token)
+        assert game["host"].start(tries=4)[0] == FLOATING
         host_port = relay.json("lobby", "list")[0]["host_port"]
         time.sleep(0.3)  # the daemon opens its listener on the new host port
         game["client1"].sendto(b"first", (FLOATING, host_port))

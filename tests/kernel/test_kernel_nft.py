@@ -12,9 +12,12 @@ import pytest
 from natctl.lab import topology
 from natctl.lab.netns import entered, run, spawn, stop
 from natctl.lab.traffic import drain
+from support import labs
 from support.scenarios import add, lobbies_isolated, pub, udp_both_ways
 
 pytestmark = pytest.mark.kernel
+# Hand-made mappings: the lab's home routers are cones here (see support.labs.cone_lab for why).
+lab = pytest.fixture(scope="module", name="lab")(labs.cone_lab)
 
 
 def test_udp_both_ways_payload_and_addresses(lab, relay, socks):

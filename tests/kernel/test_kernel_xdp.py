@@ -19,10 +19,13 @@ from natctl.kernel.nft import parse_listing
 from natctl.lab import xdp as labxdp
 from natctl.lab.netns import entered, run
 from natctl.lab.traffic import payload, send_and_receive
+from support import labs
 from support.cli import Cli
 from support.scenarios import add, lobbies_isolated, pub, udp_both_ways
 
 pytestmark = pytest.mark.kernel
+# Hand-made mappings: the lab's home routers are cones here (see support.labs.cone_lab for why).
+lab = pytest.fixture(scope="module", name="lab")(labs.cone_lab)
 
 
 class XdpCli(Cli):

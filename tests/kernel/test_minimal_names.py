@@ -19,10 +19,13 @@ import pytest
 from natctl.lab import topology
 from natctl.lab.netns import entered, run
 from natctl.lab.traffic import payload, send_and_receive, tcp_connect
+from support import labs
 from support.cli import Cli
 from support.scenarios import add, pub
 
 pytestmark = pytest.mark.kernel
+# Hand-made mappings: the lab's home routers are cones here (see support.labs.cone_lab for why).
+lab = pytest.fixture(scope="module", name="lab")(labs.cone_lab)
 
 # unshare makes the mounts private to natctl's process; the script ends by running the rest.
 HIDE = ["unshare", "--mount", "sh", "-c",

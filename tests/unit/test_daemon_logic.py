@@ -1,7 +1,8 @@
 """The daemon's logic on the fake kernel, without root: real UDP sockets on loopback, no namespaces.
 
 Registration, admission on a first packet (delivered once, installed in the
-kernel), refusal (blocked in the kernel), and the registration rate limit.
+kernel), refusal (blocked in the kernel), the registration rate limit, and
+registration v2 (OPEN, PUNCH, held packets).
 The kernel tests (tests/kernel/test_daemon.py) run the same daemon for real.
 """
 
@@ -89,8 +90,8 @@ def udp() -> socket.socket:
     return s
 
 
-def register(sock: socket.socket, reg_port: int, token: str, nonce: int = 7) -> tuple[str, int] | None:
-    sock.sendto(wire.encode_request(token, nonce), ("127.0.0.1", reg_port))
+def register(sock: socket.socket, reg_port: int, token: str, nonce: int = 7, version: int = 1) -> tuple[str, int] | None:
+    sock.sendto(wire.encode_request(token, nonce, version), ("127.0.0.1", reg_port))
     try:
         data, _ = sock.recvfrom(64)
     except TimeoutError:
@@ -190,3 +191,103 @@ def test_replies_leave_from_the_address_the_host_sent_to(tmp_path):
         data, source = host.recvfrom(64)
     assert source == ("127.0.0.2", base) and wire.decode_reply(data)[2][0] == "127.0.0.2"
     host.close()
+
+
+def _open_for(host: socket.socket, reg_port: int) -> tuple[int, int]:
+    """The next OPEN the host's game socket receives from the registration port: (ticket, client port)."""
+    while True:
+        data, src = host.recvfrom(64)
+        if src == ("127.0.0.1", reg_port) and len(data) == wire.OPEN_SIZE:
+            return wire.decode_open(data)
+
+
+def test_v2_a_client_waits_for_the_hosts_punch_and_strangers_punch_in_vain(relay):
+    make, kernel, reg_port = relay
+    svc = make()
+    _, token = svc.lobby_create("a", open_=True)
+    host, client, natted = udp(), udp(), udp()  # natted: the host's game socket as a symmetric NAT shows it
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.2", 0))
+    rejects = {r: metrics.PUNCH_REJECTS.labels(r)._value.get() for r in ("unknown_ticket", "wrong_source", "malformed")}
+    with Running(make) as daemon:
+        _, host_port = register(host, reg_port, token, version=2)
+        wait_for("the host port's listener", lambda: _listening(host_port))
+        for i in range(3):
+            client.sendto(b"early %d" % i, ("127.0.0.1", host_port))
+        ticket, client_port = _open_for(host, reg_port)
+        time.sleep(0.1)
+        assert not daemon.sent and not any(e.set == DNAT for e in kernel.installed.elements)  # held, not forwarded
+        relay_port = ("127.0.0.1", client_port)
+        host.sendto(wire.encode_punch(ticket ^ 1), relay_port)  # a wrong ticket
+        stranger.sendto(wire.encode_punch(ticket), relay_port)  # the right ticket from another address
+        host.sendto(b"NATC junk", relay_port)
+        wait_for("the rejections", lambda: metrics.PUNCH_REJECTS.labels("malformed")._value.get()
+                 > rejects["malformed"])
+        assert not daemon.sent
+        natted.sendto(wire.encode_punch(ticket), relay_port)
+        wait_for("the held packets", lambda: len(daemon.sent) == 3)
+        seen = f"127.0.0.1:{natted.getsockname()[1]}"
+        assert daemon.sent == [(client_port, seen, b"early %d" % i) for i in range(3)]
+        up = ("127.0.0.1", "udp", client.getsockname()[1], host_port)
+        assert {e.key: e.value for e in kernel.installed.elements if e.set == DNAT}[up] == (
+            "127.0.0.1", natted.getsockname()[1])
+        host.sendto(wire.encode_punch(ticket), relay_port)  # late: the ticket is spent
+        time.sleep(0.1)
+        assert len(daemon.sent) == 3
+    for reason in rejects:
+        assert metrics.PUNCH_REJECTS.labels(reason)._value.get() > rejects[reason], reason
+    svc.close()
+    for s in (host, client, natted, stranger):
+        s.close()
+
+
+def test_v2_a_host_that_never_answers_gets_its_client_with_its_registered_address(relay):
+    from natctl.daemon.punch import GIVE_UP
+
+    make, kernel, reg_port = relay
+    svc = make()
+    _, token = svc.lobby_create("a", open_=True)
+    host, client = udp(), udp()
+    unanswered = metrics.PUNCHES.labels("unanswered")._value.get()
+    with Running(make) as daemon:
+        _, host_port = register(host, reg_port, token, version=2)
+        wait_for("the host port's listener", lambda: _listening(host_port))
+        client.sendto(b"anyone?", ("127.0.0.1", host_port))
+        wait_for("the give-up", lambda: daemon.sent, GIVE_UP + TOKEN_WAIT)
+        opens = 0
+        host.settimeout(0.1)
+        try:
+            while host.recvfrom(64):
+                opens += 1
+        except TimeoutError:
+            pass
+    assert daemon.sent == [(daemon.sent[0][0], f"127.0.0.1:{host.getsockname()[1]}", b"anyone?")]
+    assert opens == 3 and metrics.PUNCHES.labels("unanswered")._value.get() == unanswered + 1
+    up = ("127.0.0.1", "udp", client.getsockname()[1], host_port)
+    assert {e.key: e.value for e in kernel.installed.elements if e.set == DNAT}[up] == (
+        "127.0.0.1", host.getsockname()[1])
+    svc.close()
+    for s in (host, client):
+        s.close()
+
+
+def test_v2_reference_client_answers_opens_and_ignores_game_traffic(relay):
+    from natctl.daemon.client import HostSession
+
+    make, kernel, reg_port = relay
+    svc = make()
+    _, token = svc.lobby_create("a", open_=True)
+    host, client = udp(), udp()
+    with Running(make) as daemon:
+        session = HostSession(host, ("127.0.0.1", reg_port), token)
+        _, host_port = session.register()
+        wait_for("the host port's listener", lambda: _listening(host_port))
+        client.sendto(b"join", ("127.0.0.1", host_port))
+        data, src = host.recvfrom(64)
+        assert session.handle(data, src) and session.punched == 1
+        assert not session.handle(b"NATC game bytes", ("127.0.0.1", host_port))  # from a relay port: the game's
+        wait_for("the held packet", lambda: daemon.sent)
+        assert daemon.sent[0][1:] == (f"127.0.0.1:{host.getsockname()[1]}", b"join")
+    svc.close()
+    for s in (host, client):
+        s.close()

@@ -147,7 +147,6 @@ def test_openvpn_status_versions_2_and_3():
 @pytest.fixture
 def ovpn(tmp_path, monkeypatch):
     monkeypatch.setattr("natctl.sync.local_port_overlap", lambda ports: None)
-    monkeypatch.setattr("natctl.gm.service._need_forwarding", lambda: None)
     ccd, pki = tmp_path / "ccd", tmp_path / "pki"
     ccd.mkdir()
     for d in ("issued", "private"):

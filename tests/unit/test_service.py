@@ -2,24 +2,10 @@
 
 import pytest
 
-from natctl.config import Settings
 from natctl.errors import Conflict, Exhausted, KernelError, NotFound
-from natctl.kernel.fake import FakeKernel
-from natctl.model import Endpoint, PortRange
-from natctl.service import Service
+from natctl.model import Endpoint
 
 H, C1, C2 = Endpoint("198.18.1.2", 27015), Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.2", 40002)
-
-
-@pytest.fixture
-def svc(tmp_path, monkeypatch):
-    monkeypatch.setattr("natctl.sync.local_port_overlap", lambda ports: None)
-    kernel = FakeKernel()
-    s = Service(Settings(state=str(tmp_path / "s.db"), relay_ip="198.18.0.1", ports=PortRange(20000, 20009)),
-                kernel_factory=lambda: kernel)
-    s.fake = kernel
-    yield s
-    s.close()
 
 
 def test_map_add_allocates_and_installs(svc):
@@ -132,12 +118,15 @@ def test_registration_is_idempotent_and_a_new_address_moves_the_lobby(svc):
     _, token = svc.lobby_create("a", open_=True)
     with pytest.raises(NotFound, match="token"):
         svc.register_host("not-the-token-at-all", H)
-    host = svc.register_host(token, H)
+    first = svc.register_host(token, H)
+    host = first.host
+    assert first.changed
     scripts = len(svc.fake.scripts)
-    assert svc.register_host(token, H) == host and len(svc.fake.scripts) == scripts  # a repeat sends nothing
+    repeat = svc.register_host(token, H)
+    assert repeat.host == host and not repeat.changed and len(svc.fake.scripts) == scripts  # a repeat sends nothing
     m = svc.admit_client(host.relay_port, C1).mapping
     moved = Endpoint("198.18.1.3", 27016)
-    again = svc.register_host(token, moved)
+    again = svc.register_host(token, moved).host
     assert again.relay_port == host.relay_port
     dnat = {e.key: e.value for e in svc.fake.installed.elements if e.set == DNAT}
     assert dnat[(C1.ip, "udp", C1.port, host.relay_port)] == (moved.ip, moved.port)
@@ -149,7 +138,7 @@ def test_admission_checks_and_scoped_changes(svc):
     from natctl.admission import NotAllowed
 
     _, token = svc.lobby_create("a", allow=("198.18.2.0/24",), max_clients=2)
-    host = svc.register_host(token, H)
+    host = svc.register_host(token, H).host
     before, elements, reads = len(svc.fake.scripts), len(svc.fake.installed.elements), svc.fake.reads
     m1 = svc.admit_client(host.relay_port, C1)
     assert m1.new and len(svc.fake.scripts) == before + 1
@@ -215,3 +204,53 @@ def test_a_forward_to_the_relay_itself_is_refused(svc):
     with pytest.raises(UsageError, match="relay's own address"):
         svc.forward_add(2222, Endpoint("198.18.0.1", 22))
     assert svc.forwards() == []
+
+
+def test_a_host_that_opens_gets_its_clients_only_after_its_punch(svc):
+    """Registration v2: a new client waits outside the kernel until its host's NAT shows its address."""
+    from natctl.plan import DNAT
+
+    _, token = svc.lobby_create("a", open_=True)
+    host = svc.register_host(token, H, opens=True).host
+    assert host.opens and svc.register_host(token, H, opens=True).changed is False
+    first = svc.admit_client(host.relay_port, C1)
+    assert first.new and first.pending and not first.mapping.installed
+    assert not any(e.set == DNAT for e in svc.fake.installed.elements)  # nothing is forwarded yet
+    assert svc.admit_client(host.relay_port, C1).pending  # its next packets are held too
+    # Behind a symmetric NAT the host's punch comes from another port than its registration.
+    seen = Endpoint(H.ip, 61000)
+    settled = svc.settle_client(first.client_id, seen)
+    assert not settled.pending and settled.mapping.host == str(seen)
+    dnat = {e.key: e.value for e in svc.fake.installed.elements if e.set == DNAT}
+    assert dnat[(C1.ip, "udp", C1.port, host.relay_port)] == (seen.ip, seen.port)
+    assert dnat[(seen.ip, "udp", seen.port, first.mapping.client_port)] == (C1.ip, C1.port)
+    # A second client's host that never answers: installed with the registered address.
+    second = svc.admit_client(host.relay_port, C2)
+    assert svc.settle_client(second.client_id, None).mapping.host == str(H)
+    # A punch from another IP is refused and changes nothing.
+    elements = set(svc.fake.installed.elements)
+    with pytest.raises(Conflict, match="punch"):
+        svc.settle_client(second.client_id, Endpoint("198.18.9.9", 1))
+    assert set(svc.fake.installed.elements) == elements
+    # The host moves: what punches taught is forgotten, mappings follow the new address.
+    moved = Endpoint("198.18.1.3", 27016)
+    assert svc.register_host(token, moved, opens=True).changed
+    dnat = {e.key: e.value for e in svc.fake.installed.elements if e.set == DNAT}
+    assert dnat[(C1.ip, "udp", C1.port, host.relay_port)] == (moved.ip, moved.port)
+
+
+def test_a_store_from_before_punches_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    from natctl.store import Store
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE hosts (lobby_id INTEGER PRIMARY KEY, ip TEXT NOT NULL, port INTEGER NOT NULL,"
+                     " relay_port INTEGER NOT NULL UNIQUE, created REAL NOT NULL, UNIQUE (ip, port));"
+                     "INSERT INTO hosts VALUES (1, '198.18.1.2', 27015, 29999, 0);")
+    db.close()
+    store = Store(path)
+    host = store.host(1)
+    assert host is not None and host.opens is False and host.relay_port == 29999
+    store.close()
