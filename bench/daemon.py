@@ -174,10 +174,10 @@ def _flood(lab: BenchLab, pid: int, target: tuple[str, int], count: int) -> dict
 
 
 def _kernel_drops(lab: BenchLab) -> int:
-    """Packets to host ports that the kernel dropped before the daemon (blocked or rate-limited)."""
+    """Packets to host ports that the kernel dropped before the daemon (refused, blocked or rate-limited)."""
     doc = json.loads(run(["nft", "-j", "list", "counters", "table", "inet", "natctl"], ns=lab.relay_ns).stdout)
     named = {c["counter"]["name"]: c["counter"]["packets"] for c in doc["nftables"] if "counter" in c}
-    return named.get("unknown_blocked", 0) + named.get("unknown_limited", 0)
+    return named.get("unknown_refused", 0) + named.get("unknown_blocked", 0) + named.get("unknown_limited", 0)
 
 
 def _drain(sock: socket.socket) -> None:

@@ -28,6 +28,7 @@ class Allocator:
         client_ports: Iterable[tuple[Endpoint, int]] = (),
         reserved: Iterable[int] = (),
         is_host_port: Callable[[int], bool] | None = None,
+        client_numbers: Iterable[int] = (),
     ) -> None:
         """``is_host_port`` answers for host ports not loaded into ``host_ports`` (the daemon asks
         the store's index instead of loading every lobby to admit one client)."""
@@ -41,6 +42,8 @@ class Allocator:
         self._is_host_port = is_host_port or self.host_ports.__contains__
         for host, port in client_ports:
             self.take_client(host, port)
+        for port in client_numbers:  # in use by some host's clients: only host_port() needs to know
+            self._client_use[port] += 1
 
     def host_port(self) -> int:
         """Take the highest free host port."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -54,6 +53,30 @@ class GmSettings:
         return str(next(self.network.hosts()))
 
 
+DEFAULT_LAN_POOL = "10.198.0.0/16"  # see the README: private (games treat it as a LAN), used by no common router or VPN
+
+
+@dataclass(frozen=True)
+class LanSettings:
+    """The ``[lan]`` settings: the relay's LAN interface and the pool LANs' subnets come from."""
+
+    interface: str = "natctl-lan"  # one WireGuard interface for every LAN; unique on the machine
+    listen_port: int = 51821  # the GMs' VPN has 51820
+    pool: str = DEFAULT_LAN_POOL  # each LAN gets a /prefix of it unless created with --subnet
+    prefix: int = 24
+    endpoint: str = ""  # what members dial; empty: the relay IP
+    key_file: str = ""  # empty: INTERFACE.key beside the store
+    mtu: int = 1420  # the tunnel's, and so the game's interface's on every member
+    idle_timeout: int = 900  # seconds without a handshake before cleanup removes a member
+    max_members: int = 64
+    ttl: int = 6 * 3600
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.pool)
+
+
+
 @dataclass(frozen=True)
 class Settings:
     state: str = "/var/lib/natctl/natctl.db"
@@ -65,9 +88,17 @@ class Settings:
     idle_timeout: int = 300  # seconds without packets before a mapping expires
     cleanup_interval: int = 30
     metrics: str = ""  # host:port for the Prometheus endpoint; empty: off
+    # The daemon's local control API (natctl.daemon.control), a root-only Unix socket; empty: STATE.sock, "off": none
+    control_socket: str = ""
     lock_timeout: float = 5.0  # seconds to wait for another natctl's store transaction
     fix_forwarding: bool = True  # turn net.ipv4.ip_forward on before installing mappings (natctl.preflight)
+    # Take over a kernel table that another store owns (natctl.sync); for one command, never from the file.
+    adopt: bool = False
+    noray: bool = False  # serve noray's protocol too (natctl.noray): TCP control port, pid datagrams on 8809
+    noray_port: int = 8890
+    noray_allow: tuple[str, ...] = ()  # networks allowed to use it; empty: everyone (as noray)
     gm: GmSettings = field(default_factory=GmSettings)  # the [gm] table
+    lan: LanSettings = field(default_factory=LanSettings)  # the [lan] table
 
 
 def _choice(allowed: tuple[str, ...], what: str) -> Any:
@@ -121,9 +152,17 @@ PARSERS: dict[str, Any] = {
     "idle_timeout": _duration,
     "cleanup_interval": _duration,
     "metrics": str,
+    "control_socket": str,
     "lock_timeout": float,
     "fix_forwarding": _switch("fix_forwarding"),
+    "adopt": _switch("adopt"),
+    "noray": _switch("noray"),
+    "noray_port": lambda v: parse_port(v, "noray port"),
+    "noray_allow": lambda v: tuple(parse_cidr(c.strip()) for c in (v.split(",") if isinstance(v, str) else v)
+                                   if c.strip()),
 }
+# Settings an operator gives one command (an option or NATCTL_*), never the config file.
+NOT_IN_FILE = ("adopt",)
 GM_PARSERS: dict[str, Any] = {
     "vpn": _choice(VPNS, "VPN"),
     "interface": _interface,
@@ -138,8 +177,37 @@ GM_PARSERS: dict[str, Any] = {
     "openvpn_status": str,
     "openvpn_tls_crypt": str,
 }
+def _lan_pool(text: str) -> str:
+    return str(ipaddress.IPv4Network(parse_cidr(text)))
+
+
+def _int_in(low: int, high: int, what: str) -> Any:
+    def parse(v: Any) -> int:
+        try:
+            n = int(str(v))
+        except ValueError:
+            n = low - 1
+        if not low <= n <= high:
+            raise UsageError(f"invalid {what} {v!r}", f"use a number from {low} to {high}")
+        return n
+    return parse
+
+
+LAN_PARSERS: dict[str, Any] = {
+    "interface": _interface,
+    "listen_port": lambda v: parse_port(v, "LAN listen port"),
+    "pool": _lan_pool,
+    "prefix": _int_in(16, 29, "LAN prefix length"),
+    "endpoint": str,
+    "key_file": str,
+    "mtu": _int_in(576, 1420, "LAN MTU"),
+    "idle_timeout": lambda v: v if isinstance(v, int) else parse_duration(str(v)),
+    "max_members": _int_in(2, 1000, "maximum of members"),
+    "ttl": lambda v: v if isinstance(v, int) else parse_duration(str(v)),
+}
+
 # table name -> (its parsers, how its keys are named in messages)
-TABLES: dict[str, tuple[dict[str, Any], str]] = {"gm": (GM_PARSERS, "GM setting")}
+TABLES: dict[str, tuple[dict[str, Any], str]] = {"gm": (GM_PARSERS, "GM setting"), "lan": (LAN_PARSERS, "LAN setting")}
 
 T = TypeVar("T")
 
@@ -147,6 +215,8 @@ T = TypeVar("T")
 def _read(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         return {}
+    import tomllib  # only when there is a file to read
+
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -176,6 +246,10 @@ def load(overrides: Mapping[str, Any] | None = None, path: str | None = None,
     env = os.environ if environ is None else environ
     path = path or env.get("NATCTL_CONFIG", CONFIG_PATH)
     doc = _read(path)
+    for key in NOT_IN_FILE:
+        if key in doc:
+            raise UsageError(f"{key!r} cannot be set in the config file {path}",
+                             f"remove it; pass --{key} (or NATCTL_{key.upper()}=1) to the one command that needs it")
     parsed: dict[str, Any] = {}
     for name, (parsers, what) in TABLES.items():
         section = doc.pop(name, {})

@@ -50,6 +50,11 @@ class Busy(NatctlError):
     exit_code = 7
 
 
+class OwnedElsewhere(Busy):
+    """The kernel's table belongs to another store: changing it from this one would undo the other's
+    mappings. Nothing was changed; --adopt takes the table over."""
+
+
 class StoreError(NatctlError):
     """The store cannot be used: not a natctl database, or not writable. The file is left as it is."""
 

@@ -1,4 +1,5 @@
-"""Cleanup: lobbies and forwards past their TTL, and mappings whose kernel counters stopped moving.
+"""Cleanup: lobbies, forwards and LANs past their TTL, mappings whose kernel counters stopped moving,
+and LAN members whose tunnel went quiet.
 
 The daemon runs it every ``cleanup_interval``; ``natctl cleanup`` (cron, the
 systemd timer) runs the same code once.
@@ -22,7 +23,15 @@ def cleanup(rec: Reconciler, apply: bool = True) -> dict[str, list]:
         for f in forwards:
             txn.store.remove_forward(f.port)
     idle = expire_idle(rec, apply) if apply else []
-    return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards], "idle": idle}
+    lans = _lans(rec) if apply else {"lans": [], "members": []}
+    return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards], "idle": idle, **lans}
+
+
+def _lans(rec: Reconciler) -> dict[str, list[str]]:
+    """Virtual LANs past their TTL and members whose tunnel went quiet (natctl.lan), in the same cleanup."""
+    from natctl.lan.service import LanService
+
+    return LanService(rec).cleanup()
 
 
 def expire_idle(rec: Reconciler, apply: bool = True) -> list[str]:
@@ -55,8 +64,13 @@ def expire_idle(rec: Reconciler, apply: bool = True) -> list[str]:
         return frozenset().union(*(rec.plan_lobby(store, lobby_of[m.client_id], client=(m.proto, m.client))
                                    for m in idle))
 
+    # Clients admitted or announced that never got into the kernel (a host that never punched while
+    # the daemon died, a noray peer that never sent): nothing to scope, their rows just go.
+    stale = [c for c in snap.clients if c.pending and now - c.created >= rec.settings.idle_timeout]
     with rec.change(scope, apply) as txn:
         txn.store.touch_clients(moved)
         for m in idle:
             txn.store.remove_client(m.client_id)
-    return [f"{m.lobby}/{m.proto}/{m.client}" for m in idle]
+        for c in stale:
+            txn.store.remove_client(c.id)
+    return [f"{m.lobby}/{m.proto}/{m.client}" for m in idle] + [f"{c.proto}/{c.addr} (never arrived)" for c in stale]

@@ -88,7 +88,10 @@ class Lobbies:
         with self.rec.change(self.rec.lobby_scope(lobby_name), apply) as txn:
             store = txn.store
             lobby = self.get(lobby_name, store)
-            alloc = self.rec.allocator(store)
+            known = store.host(lobby.id)
+            # A host already in place needs client ports among its own clients only: one lobby's rows, as the
+            # daemon admits a client; only a new host needs every port in use (for its host port).
+            alloc = self.rec.allocator(store, known if known is not None and known.addr == host_addr else None)
             host = self._ensure_host(store, lobby, host_addr, alloc)
             members = len(store.clients(lobby.id))
             for addr in clients:

@@ -8,10 +8,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from natctl.views import as_json
-
 
 def emit_json(obj: Any) -> None:
+    from natctl.views import as_json
+
     json.dump(as_json(obj), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 

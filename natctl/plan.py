@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from natctl.admission import sender_networks
 from natctl.model import Endpoint, Host, Snapshot
 
 # Map and set names in table inet natctl. Keys are concatenations, values too.
@@ -24,9 +25,12 @@ FWD = "fwd4"  # proto . dport                         : daddr . dport
 FWDACCT = "fwdacct4"  # daddr . proto . dport (post-DNAT, counts packets)
 MASQ = "masq4"  # daddr . proto . dport                  : masquerade these
 HOSTPORTS = "hostports4"  # dport: host relay ports, where unknown senders reach the daemon
+# host port . source network (an interval set): who a lobby admits (Lobby.allow; 0.0.0.0/0 when --open).
+# An unknown sender to a host port outside these is dropped by the kernel, before the daemon.
+ALLOW = "allow4"
 # The XDP accelerator's map (UDP only): the whole rewrite of one direction.
 XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new dport
-NFT_SETS = frozenset({DNAT, SNAT, FWD, FWDACCT, MASQ, HOSTPORTS})
+NFT_SETS = frozenset({DNAT, SNAT, FWD, FWDACCT, MASQ, HOSTPORTS, ALLOW})
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -51,6 +55,14 @@ class Flow:
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """The store a kernel table belongs to: its random id (see Store.store_id) and, for messages, its path."""
+
+    id: int
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Changes:
     add: tuple[Element, ...] = ()
     delete: tuple[Element, ...] = ()
@@ -59,9 +71,13 @@ class Changes:
     # with its commit): when both still hold the same tag, the kernel is known
     # to mirror the store, and a change may plan only the elements it touches.
     generation: int | None = None
+    # The store that writes this change, written to the kernel with it (a full reconcile sets it):
+    # another store then refuses to reconcile over this table unless told to adopt it.
+    owner: Owner | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.delete or self.create_table or self.generation is not None)
+        return bool(self.add or self.delete or self.create_table or self.generation is not None
+                    or self.owner is not None)
 
     def flows(self) -> list[Flow]:
         """Conntrack tuples to flush after the deletes: flows to relay ports that went away."""
@@ -134,7 +150,13 @@ def plan(snap: Snapshot, now: float | None, sets: frozenset[str] | None = None) 
 
     ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map).
     """
-    out: list[Element] = [Element(HOSTPORTS, (h.relay_port,)) for h in live_hosts(snap, now).values()]
+    hosts = live_hosts(snap, now)
+    out: list[Element] = [Element(HOSTPORTS, (h.relay_port,)) for h in hosts.values()]
+    for lb in snap.lobbies:
+        if lb.id in hosts:
+            # The networks admission.check admits a sender from: the kernel drops the others.
+            out += [Element(ALLOW, (hosts[lb.id].relay_port, net), None, f"lobby {lb.name}")
+                    for net in sender_networks(lb)]
     for m in mappings(snap, now):
         out += mapping_elements(m, snap.relay_ip)
     for f in snap.forwards:

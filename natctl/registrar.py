@@ -6,11 +6,12 @@ elements (or one client's), one kernel transaction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from natctl import admission
 from natctl.errors import Conflict, NotFound
 from natctl.model import Client, Endpoint, Host
+from natctl.plan import Flow
 from natctl.sync import Reconciler
 from natctl.views import MappingView
 
@@ -62,13 +63,20 @@ class Registrar:
             txn.store.set_host(host, rec.clock())
         return Registration(host, True)
 
-    def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp") -> Admission:
-        """Give an unknown sender to a host port its client port and install both directions."""
+    def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp", expect: bool = False) -> Admission:
+        """Give an unknown sender to a host port its client port and install both directions.
+
+        ``expect``: the client is announced before it sends (noray's connect-relay): its port is
+        allocated now, but its elements stay out of the kernel until its first packet arrives here.
+        Until then the host's packets to that port reach no one, so they cannot arrive at the
+        client's router unasked (a stock router would then give the client's own first packet
+        another port).
+        """
         rec = self.rec
         host = rec.store.host_by_port(host_port)
         if host is None:
             raise NotFound(f"no lobby on relay port {host_port}")
-        new = False
+        new = arrived = False
         # Scope: this one client's elements, so admitting costs the same in a lobby of 2 or 2,000.
         with rec.change(lambda st: rec.plan_lobby(st, host.lobby_id, client=(proto, addr))) as txn:
             store = txn.store
@@ -80,10 +88,16 @@ class Registrar:
                 alloc = rec.allocator(store, host)
                 admission.check(lobby, addr, host.addr, len(alloc.client_ports[host.addr]), "sender")
                 now = rec.clock()
-                pending = host.opens and proto == "udp"  # its elements wait for the host's punch
+                pending = (host.opens or expect) and proto == "udp"  # its elements wait (a punch, a first packet)
                 client = store.add_client(Client(0, lobby.id, proto, addr, alloc.client_port(host.addr), now, now,
                                                  pending=pending))
-                new = True
+                new = not expect
+            elif client.pending and not host.opens and not expect:  # announced, and here now
+                store.settle_client(client.id, None)
+                client = replace(client, pending=False)
+                new = arrived = True
+        if arrived:  # the host's packets to this port, sent before, left conntrack entries that would not be NATed
+            rec.kernel.forget([Flow(proto, host.addr.ip, host.addr.port, client.relay_port, rec.relay_ip)])
         return Admission(_view(lobby.name, host, client, rec.relay_ip), new, client.id, client.pending)
 
     def settle(self, client_id: int, seen: Endpoint | None) -> Admission:

@@ -69,6 +69,7 @@ class Service:
         return expiry.expire_idle(self.rec, apply)
 
     def uninstall(self) -> bool:
+        self.rec.check_owner()  # another store's relay is not this store's to remove
         return self.rec.kernel.uninstall()
 
     # --- lobbies and mappings
@@ -102,8 +103,8 @@ class Service:
     def register_host(self, token: str, addr: Endpoint, opens: bool = False) -> Registration:
         return self._registrar.register_host(token, addr, opens)
 
-    def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp") -> Admission:
-        return self._registrar.admit_client(host_port, addr, proto)
+    def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp", expect: bool = False) -> Admission:
+        return self._registrar.admit_client(host_port, addr, proto, expect)
 
     def settle_client(self, client_id: int, seen: Endpoint | None) -> Admission:
         """Install a held client with the host's address its punch showed (None: the registered one)."""

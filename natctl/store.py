@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -192,6 +193,20 @@ class Store:
         self.db.execute("INSERT INTO meta (key, value) VALUES ('generation', ?) "
                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(generation),))
 
+    def store_id(self) -> int:
+        """This store's identity, made once at random: the kernel's table names the store it belongs to
+        (plan.Owner), so that a natctl on another store cannot reconcile it away."""
+        q = "SELECT value FROM meta WHERE key='store_id'"
+        r = self.db.execute(q).fetchone()
+        if r is None:
+            try:
+                self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                                (str(secrets.randbits(31) + 1),))
+            except sqlite3.Error as err:  # locked by another writer, or read-only
+                raise self._busy(err) from None
+            r = self.db.execute(q).fetchone()
+        return int(r[0])
+
     def lobby(self, name: str) -> Lobby | None:
         r = self.db.execute("SELECT * FROM lobbies WHERE name=? AND closed IS NULL", (name,)).fetchone()
         return _lobby(r) if r else None
@@ -216,6 +231,11 @@ class Store:
 
     def host_ports(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT relay_port FROM hosts")]
+
+    def client_port_numbers(self) -> list[int]:
+        """Every client relay port number in use behind some host (a new host port must avoid them all)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT c.relay_port FROM clients c JOIN hosts h ON h.lobby_id = c.lobby_id")]
 
     def is_host_port(self, port: int) -> bool:
         return self.db.execute("SELECT 1 FROM hosts WHERE relay_port=?", (port,)).fetchone() is not None

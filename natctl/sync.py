@@ -10,6 +10,7 @@ receive a Reconciler; none of them knows who calls it.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Protocol
 from natctl import plan as planner
 from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
-from natctl.errors import Conflict, KernelError
+from natctl.errors import Conflict, KernelError, OwnedElsewhere
 from natctl.kernel.backend import Kernel
 from natctl.model import Endpoint, Host, Snapshot
 from natctl.preflight import ensure_forwarding
@@ -95,6 +96,38 @@ class Reconciler:
         if self._store is not None:
             self._store.close()
 
+    def check_ports(self) -> None:
+        """The relay range must lie outside the kernel's ip_local_port_range (or the kernel may hand a
+        relay port to some socket); refused before anything changes, store or kernel."""
+        overlap = local_port_overlap(self.settings.ports)
+        if overlap:
+            raise Conflict(overlap.split(":")[0], overlap.split(": ", 1)[1])
+
+    def check_owner(self) -> None:
+        """Refuse (OwnedElsewhere, exit 7) if the kernel's table belongs to another store, unless adopting.
+
+        A table that names no store (first install, after 'natctl uninstall', after a reboot) is
+        taken silently; so is one that names this store."""
+        owner = self.kernel.owner()
+        if owner is None or self.settings.adopt or owner.id == self.store.store_id():
+            return
+        mine = os.path.abspath(self.settings.state)
+        adopt = "or rerun with --adopt (natctl --adopt COMMAND) to hand the kernel to this store, whose mappings " \
+                "then replace the others'"
+        if owner.path == mine:  # the file was replaced: the table belongs to the store that was there before
+            raise OwnedElsewhere(f"another natctl holds the kernel: table inet natctl belongs to an earlier store "
+                                 f"at {mine} (this one was made since); nothing was changed",
+                                 f"restore that file, {adopt}")
+        theirs = owner.path or "another store"
+        known = owner.path.startswith("/")  # else unnamed, or cut to the end of a long path
+        raise OwnedElsewhere(f"another natctl holds the kernel: table inet natctl belongs to {theirs}, not to {mine}; "
+                             "nothing was changed",
+                             (f"pass --state {owner.path}, " if known else "pass that store with --state, ") + adopt)
+
+    def identity(self, store: Store) -> planner.Owner:
+        """This store as the kernel's table names it (Changes.owner)."""
+        return planner.Owner(store.store_id(), os.path.abspath(self.settings.state))
+
     def check_forwarding(self) -> None:
         """Once per process: IP forwarding on, or refused here (natctl.preflight). Every kernel write
         runs it; the daemon also at start, when a kernel still in sync needs no write."""
@@ -118,6 +151,7 @@ class Reconciler:
         """
         if apply:
             _ = self.kernel  # fail fast (not root, no binding) before touching the store
+            self.check_ports()
             self.check_forwarding()
         store = self.store
         txn = Txn(store)
@@ -125,8 +159,11 @@ class Reconciler:
         touched = False  # the effect ran (perhaps in part): undo it if the change fails after that
         try:
             with store.write():
-                trusted = apply and scope is not None and store.generation() is not None \
-                    and self.kernel.generation() == store.generation()
+                # The kernel carries this store's last tag: this store wrote its last change, so it owns it.
+                mirrored = apply and store.generation() is not None and self.kernel.generation() == store.generation()
+                if apply and not mirrored:
+                    self.check_owner()  # before any row changes: a full reconcile would undo another store's
+                trusted = mirrored and scope is not None
                 before = scope(store) if trusted and scope is not None else None
                 yield txn
                 if effect is not None:
@@ -164,10 +201,13 @@ class Reconciler:
         desired = planner.plan(store.snapshot(self.relay_ip), self.clock(), self.kernel.owns)
         installed = self.kernel.read()
         changes = planner.diff(desired, installed.elements, installed.table_ok)
-        # Verified in full: tag the kernel (if it changes, or lacks the store's tag) so the next change may be scoped.
+        # Verified in full: tag the kernel (if it changes, or lacks the store's tag) so the next change may be scoped,
+        # and name this store as its owner in the same transaction.
         if changes or store.generation() is None or store.generation() != self.kernel.generation():
-            changes = replace(changes, generation=tag)
+            changes = replace(changes, generation=tag, owner=self.identity(store))
             self.kernel.apply(changes)
+            if self.settings.adopt:  # taken over: from here on this store defends it like any other
+                self.settings = replace(self.settings, adopt=False)
         return changes
 
     def apply(self) -> SyncResult:
@@ -178,9 +218,13 @@ class Reconciler:
         return txn.result
 
     def in_sync(self) -> bool:
-        """Does the kernel carry the tag of the store's last change (so it holds what the store says)?"""
+        """Does the kernel carry the tag of the store's last change (so it holds what the store says),
+        in a table that names this store as its owner?"""
         tag = self.store.generation()
-        return tag is not None and self.kernel.generation() == tag
+        if tag is None or self.kernel.generation() != tag:
+            return False
+        owner = self.kernel.owner()
+        return owner is not None and owner.id == self.store.store_id()
 
     # --- scopes: what one change can touch
 
@@ -217,11 +261,8 @@ class Reconciler:
         if host is not None:
             return Allocator(self.settings.ports, (), ((host.addr, p) for p in store.client_ports(host.lobby_id)),
                              reserved=reserved, is_host_port=store.is_host_port)
-        overlap = local_port_overlap(self.settings.ports)
-        if overlap:
-            raise Conflict(overlap.split(":")[0], overlap.split(": ", 1)[1])
-        snap = store.snapshot("")
-        hosts = {h.lobby_id: h.addr for h in snap.hosts}
-        return Allocator(self.settings.ports, (h.relay_port for h in snap.hosts),
-                         ((hosts[c.lobby_id], c.relay_port) for c in snap.clients if c.lobby_id in hosts),
-                         reserved=reserved)
+        self.check_ports()
+        # A new host: its host port avoids every host port and every client port number in use (two
+        # integer queries, not a snapshot of every client); its own clients' ports start from nothing.
+        return Allocator(self.settings.ports, store.host_ports(), reserved=reserved,
+                         client_numbers=store.client_port_numbers())

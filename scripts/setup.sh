@@ -9,6 +9,7 @@ APT_PACKAGES=(
   clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev make
   python3-venv python3-pip
   socat iperf3 curl wireguard-go wireguard-tools openvpn openssl util-linux
+  python3-zeroconf
 )
 
 SUDO=""

@@ -8,13 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from natctl import __version__
-from natctl.cli import bench, daemon, doctor, forward, gm, lobby, maps
 from natctl.cli.common import JsonOpt, say, service
+from natctl.cli.lazy import LazyGroup
 from natctl.model import format_duration
 from natctl.output import emit_json, table
-from natctl.views import cell
 
-app = typer.Typer(rich_markup_mode=None,
+app = typer.Typer(rich_markup_mode=None, cls=LazyGroup,
     name="natctl",
     help="Relay game traffic through the kernel: many lobbies on one public IP.\n\n"
     "Start with 'natctl demo' to see it work in a throwaway network of namespaces.",
@@ -23,15 +22,7 @@ app = typer.Typer(rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(lobby.app, name="lobby")
-app.add_typer(maps.app, name="map")
-app.add_typer(forward.app, name="forward")
-app.add_typer(gm.app, name="gm")
-app.command()(gm.join)
-app.command()(daemon.serve)
-app.command("install-units")(daemon.install_units)
-app.command()(bench.bench)
-app.command()(doctor.doctor)
+# The other commands (lobby, map, gm, serve...) are natctl.cli.lazy's: imported when they run.
 
 
 def _version(value: bool) -> None:
@@ -55,19 +46,27 @@ def root(
                                                  "interface takes it). (default: auto)", show_default=False)] = None,
     interface: Annotated[Optional[str], typer.Option(metavar="NAME", help="Interface for XDP. (default: the default route's "
                                                      "interface)", show_default=False)] = None,
+    adopt: Annotated[bool, typer.Option("--adopt", help="Take over the kernel's table when another store owns "
+                                        "it: this store's mappings replace the others' (NATCTL_ADOPT=1).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Settings come from the config file, then NATCTL_* variables, then these options."""
     ctx.obj = ctx.obj or {}
     ctx.obj["overrides"] = {"state": state, "relay_ip": relay_ip, "ports": ports, "accel": accel,
-                            "interface": interface}
+                            "interface": interface, "adopt": True if adopt else None}
     ctx.obj["config"] = config
 
 
+AdoptOpt = Annotated[bool, typer.Option("--adopt", help="Take over the kernel's table when another store owns it "
+                                         "(the same as 'natctl --adopt apply').")]
+
+
 @app.command()
-def apply(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def apply(ctx: typer.Context, as_json: JsonOpt = False, adopt: AdoptOpt = False) -> None:
     """Make the kernel hold exactly what the store says (safe to repeat)."""
+    if adopt:
+        ctx.find_root().obj["overrides"]["adopt"] = True
     result = service(ctx).apply()
     if as_json:
         emit_json(result)
@@ -86,6 +85,9 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     maps_ = svc.mappings(counters=True)
     fwds = svc.forwards(counters=True)
     lobbies = svc.lobbies()
+    from natctl.cli import doctor
+    from natctl.views import cell
+
     failing = doctor.failing(svc.settings)
     if as_json:
         emit_json({"relay_ip": svc.relay_ip, "backend": svc.kernel.name, "lobbies": lobbies,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from natctl import config
-from natctl.service import Service
+
+if TYPE_CHECKING:
+    from natctl.service import Service
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts (stable keys, see README).")]
 NoApplyOpt = Annotated[bool, typer.Option("--no-apply", help="Change the store only; 'natctl apply' installs later.")]
@@ -25,9 +27,23 @@ def service(ctx: typer.Context) -> Service:
     """One Service per invocation, built on first use from the global options."""
     obj: dict[str, Any] = ctx.find_root().obj
     if "service" not in obj:
+        from natctl.service import Service
+
         obj["service"] = Service(settings(ctx), kernel_factory=obj.get("kernel_factory"))
         ctx.find_root().call_on_close(obj["service"].close)
     return obj["service"]
+
+
+def through_daemon(ctx: typer.Context, op: str, no_apply: bool = False, **fields: Any) -> tuple[bool, Any]:
+    """Hand a change to the running daemon (its control socket, natctl.daemon.control) when one serves this
+    store with these settings: (True, the result it made, as --json prints it). Else (False, None): nothing
+    was changed, and the command makes the change itself, as without a daemon. Same errors either way."""
+    obj: dict[str, Any] = ctx.find_root().obj
+    if no_apply or obj.get("kernel_factory") is not None or obj["overrides"].get("adopt"):
+        return False, None
+    from natctl.daemon.control_client import through_daemon as call
+
+    return call(settings(ctx), op, {k: v for k, v in fields.items() if v is not None})
 
 
 def say(text: str) -> None:

@@ -25,12 +25,17 @@ def serve(
     cleanup_interval: Annotated[Optional[str], typer.Option(help="How often to clean up, e.g. 30s.")] = None,
     metrics: Annotated[Optional[str], typer.Option(help="Serve Prometheus metrics on HOST:PORT, e.g. "
                                                    "127.0.0.1:9808.")] = None,
+    noray: Annotated[Optional[bool], typer.Option("--noray", help="Also speak noray's protocol (games built on "
+                                                  "netfox's Noray).", show_default=False)] = None,
+    noray_port: Annotated[Optional[str], typer.Option(help="noray's TCP control port. (default: 8890)",
+                                                      show_default=False)] = None,
 ) -> None:
     """Run the relay daemon: host registration, clients admitted on their first packet, cleanup."""
     from natctl.daemon.server import serve as run
 
     raise typer.Exit(run(settings(ctx, registration_port=registration_port, idle_timeout=idle_timeout,
-                                  cleanup_interval=cleanup_interval, metrics=metrics)))
+                                  cleanup_interval=cleanup_interval, metrics=metrics, noray=noray,
+                                  noray_port=noray_port)))
 
 
 def install_units(

@@ -6,11 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
-from natctl.cli.maps import unread
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, through_daemon
 from natctl.model import FORWARD_PROTOS, format_duration, parse_duration, parse_endpoint, parse_port, parse_proto
 from natctl.output import emit_json, table, when
-from natctl.views import cell
 
 app = typer.Typer(rich_markup_mode=None, help="Static port forwards: public port -> address:port.", no_args_is_help=True)
 
@@ -26,25 +24,32 @@ def add(
     no_apply: NoApplyOpt = False,
 ) -> None:
     """Forward a public port to an address (replies return through the relay)."""
-    fwd = service(ctx).forward_add(parse_port(port), parse_endpoint(to), parse_proto(proto, FORWARD_PROTOS),
-                                   parse_duration(ttl) if ttl else None, apply=not no_apply)
+    done, made = through_daemon(ctx, "forward.add", no_apply, port=port, to=to, proto=proto, ttl=ttl)
+    if not done:
+        fwd = service(ctx).forward_add(parse_port(port), parse_endpoint(to), parse_proto(proto, FORWARD_PROTOS),
+                                       parse_duration(ttl) if ttl else None, apply=not no_apply)
+        made = {"port": fwd.port, "proto": fwd.proto, "to": str(fwd.target), "ttl": fwd.ttl}
     if as_json:
-        emit_json({"port": fwd.port, "proto": fwd.proto, "to": str(fwd.target), "ttl": fwd.ttl})
+        emit_json(made)
     else:
-        say(f"forwarding {fwd.proto} port {fwd.port} to {fwd.target}"
-            + (f" for {format_duration(fwd.ttl)}" if fwd.ttl else ""))
+        say(f"forwarding {made['proto']} port {made['port']} to {made['to']}"
+            + (f" for {format_duration(made['ttl'])}" if made["ttl"] else ""))
 
 
 @app.command("remove")
 def remove(ctx: typer.Context, port: str, no_apply: NoApplyOpt = False) -> None:
     """Remove a forward; its connections stop at once."""
-    fwd = service(ctx).forward_remove(parse_port(port), apply=not no_apply)
-    say(f"removed forward of port {fwd.port}")
+    done, made = through_daemon(ctx, "forward.remove", no_apply, port=port)
+    gone = made["port"] if done else service(ctx).forward_remove(parse_port(port), apply=not no_apply).port
+    say(f"removed forward of port {gone}")
 
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List forwards, whether the kernel holds each and what it carried (as 'natctl status')."""
+    from natctl.cli.maps import unread
+    from natctl.views import cell
+
     rows = service(ctx).forwards(counters=True)
     unread(rows)
     if as_json:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, NoApplyOpt, say, service
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, through_daemon
 from natctl.model import format_duration, parse_cidr, parse_duration, parse_int, parse_name
 from natctl.output import emit_json, table, when
 
@@ -25,6 +25,11 @@ def create(
     no_apply: NoApplyOpt = False,
 ) -> None:
     """Create a lobby and print its registration token (shown only once)."""
+    done, made = through_daemon(ctx, "lobby.create", no_apply, name=name, allow=allow or None, ttl=ttl,
+                                open=open_ or None, max_clients=max_clients)
+    if done:
+        emit_json(made) if as_json else say(f"lobby {made['name']} created (id {made['id']}); token: {made['token']}")
+        return
     nets = tuple(parse_cidr(a) for a in allow or ())
     seconds = parse_duration(ttl) if ttl else None
     most = parse_int(max_clients, "--max-clients", 1, 65535)
@@ -40,7 +45,9 @@ def create(
 @app.command("close")
 def close(ctx: typer.Context, name: str, no_apply: NoApplyOpt = False) -> None:
     """Close a lobby: its mappings leave the kernel and its ports return to the pool."""
-    service(ctx).lobby_close(name, apply=not no_apply)
+    done, _ = through_daemon(ctx, "lobby.close", no_apply, name=name)
+    if not done:
+        service(ctx).lobby_close(name, apply=not no_apply)
     say(f"lobby {name} closed")
 
 

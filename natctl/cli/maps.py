@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Optional
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, warn
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, through_daemon, warn
 from natctl.model import parse_endpoint, parse_proto
 from natctl.output import emit_json, table
-from natctl.views import ForwardView, MappingView, cell
+
+if TYPE_CHECKING:
+    from natctl.views import ForwardView, MappingView
 
 app = typer.Typer(rich_markup_mode=None, help="Map clients to a lobby's host through relay ports.", no_args_is_help=True)
 
@@ -29,10 +32,15 @@ def add(
     no_apply: NoApplyOpt = False,
 ) -> None:
     """Map clients to the lobby's host; prints the host and client relay ports."""
-    rows = service(ctx).map_add(lobby, parse_endpoint(host), [parse_endpoint(c) for c in client],
-                                parse_proto(proto), apply=not no_apply)
+    done, made = through_daemon(ctx, "map.add", no_apply, lobby=lobby, host=host, client=client, proto=proto)
+    rows: list[Any]
+    if done:  # the same records, as JSON: one mapping, or a list of them
+        rows = [SimpleNamespace(**m) for m in (made if isinstance(made, list) else [made])]
+    else:
+        rows = service(ctx).map_add(lobby, parse_endpoint(host), [parse_endpoint(c) for c in client],
+                                    parse_proto(proto), apply=not no_apply)
     if as_json:
-        emit_json(rows[0] if len(rows) == 1 else rows)
+        emit_json(made if done else rows[0] if len(rows) == 1 else rows)
         return
     for m in rows:
         say(f"{m.proto} {m.client} -> {m.relay_ip}:{m.host_port} reaches host {m.host}; "
@@ -45,7 +53,9 @@ def remove(ctx: typer.Context, lobby: LobbyOpt,
            client: Annotated[str, typer.Option("--client", help="Client's public IP:PORT.")],
            proto: ProtoOpt = "udp", no_apply: NoApplyOpt = False) -> None:
     """Remove a client's mapping; its flows stop at once."""
-    service(ctx).map_remove(lobby, parse_endpoint(client), parse_proto(proto), apply=not no_apply)
+    done, _ = through_daemon(ctx, "map.remove", no_apply, lobby=lobby, client=client, proto=proto)
+    if not done:
+        service(ctx).map_remove(lobby, parse_endpoint(client), parse_proto(proto), apply=not no_apply)
     say(f"removed {proto} client {client} from lobby {lobby}")
 
 
@@ -53,6 +63,8 @@ def remove(ctx: typer.Context, lobby: LobbyOpt,
 def list_(ctx: typer.Context, lobby: Annotated[Optional[str], typer.Option(help="Only this lobby.")] = None,
           as_json: JsonOpt = False) -> None:
     """List mappings, whether the kernel holds each and what it carried (as 'natctl status')."""
+    from natctl.views import cell
+
     rows = [m for m in service(ctx).mappings(counters=True) if lobby is None or m.lobby == lobby]
     unread(rows)
     if as_json:

@@ -17,6 +17,8 @@ PUNCHES = Counter("natctl_punches", "Hosts asked to open their NAT toward a clie
                   registry=REGISTRY)
 PUNCH_REJECTS = Counter("natctl_punch_rejections", "Datagrams on a client port that were not a host's punch",
                         ["reason"], registry=REGISTRY)
+NORAY = Counter("natctl_noray_events", "noray protocol events (hosts, udp_registered, relays, unknown_pid, "
+                "unknown_oid, unknown_command, junk, refused)", ["event"], registry=REGISTRY)
 MAPPINGS = Gauge("natctl_active_mappings", "Client mappings installed", registry=REGISTRY)
 SYNC_SECONDS = Histogram("natctl_sync_duration_seconds", "Time to change the kernel, per change",
                          buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5), registry=REGISTRY)

@@ -15,7 +15,9 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
+from natctl import admission
 from natctl.admission import NotAllowed
 from natctl.config import Settings
 from natctl.daemon import metrics, wire
@@ -23,7 +25,7 @@ from natctl.daemon.log import Repeats, log
 from natctl.daemon.punch import Punches
 from natctl.daemon.ratelimit import RateLimiter
 from natctl.errors import Busy, Conflict, NatctlError, NotFound
-from natctl.model import Endpoint
+from natctl.model import Endpoint, Host, Lobby
 from natctl.preflight import local_or_any as _local_or_any
 from natctl.registrar import Admission
 from natctl.service import Service
@@ -65,6 +67,9 @@ class Registrar(asyncio.DatagramProtocol):
         if not self.limiter.allow(addr[0], time.monotonic()):
             metrics.REGISTRATION_REJECTS.labels("rate").inc()
             return
+        for handler in self.daemon.handlers:  # other protocols on this port (LAN join, noray's pid)
+            if handler(data, addr, self.transport):
+                return
         try:
             req = wire.decode_request(data)
         except wire.WireError:
@@ -100,13 +105,102 @@ class Registrar(asyncio.DatagramProtocol):
 
 
 class HostPort(asyncio.DatagramProtocol):
-    """Unknown senders to one host relay port (the kernel maps everyone else)."""
+    """Unknown senders to one host relay port.
+
+    The kernel maps everyone it knows, drops senders outside the lobby's allowed networks (allow4)
+    and rate-limits the rest, so what arrives here is at most a few thousand packets a second. Each
+    wakeup reads a bounded batch of them. A refusal is decided first, from what the port admits
+    (its lobby, host and members, read from the store at most every GATE_SECONDS and again after
+    each admission) by natctl.admission's rule, without a store transaction; only a sender the
+    lobby may take reaches the store. Refused senders are blocked in the kernel together, one
+    command for all refused within BLOCK_SECONDS (or BLOCK_BATCH of them), never one per packet.
+    """
+
+    BATCH = 64  # datagrams per wakeup: then the loop serves registrations and timers again
+    GATE_SECONDS = 1.0  # how stale a refusal may be (a lobby that filled up, or got room again)
+    BLOCK_SECONDS = 0.05
+    BLOCK_BATCH = 256
+    REFUSED = metrics.REJECTIONS.labels("not_allowed")
 
     def __init__(self, daemon: Daemon, port: int) -> None:
         self.daemon, self.port = daemon, port
+        self.sock: socket.socket | None = None
+        self._gate: tuple[Lobby, Host, frozenset[Endpoint], int] | None = None
+        self._gate_until = 0.0
+        self.blocks: list[tuple[str, int]] = []  # refused senders not yet blocked in the kernel
+        self._flush_at: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A second handle on the transport's socket (the same queue, non-blocking): reads the rest of a batch.
+        fd = transport.get_extra_info("socket").fileno()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=os.dup(fd))
+        self.sock.setblocking(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flush()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.daemon.admit(self.port, data, addr)
+        self.daemon.admit(self.port, data, addr, self)
+        for _ in range(self.BATCH - 1):
+            if self.sock is None:
+                break
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            self.daemon.admit(self.port, data, addr, self)
+        if len(self.blocks) >= self.BLOCK_BATCH:
+            self.flush()
+        elif self.blocks and self._flush_at is None:
+            self._flush_at = self.daemon.loop.call_later(self.BLOCK_SECONDS, self.flush)
+
+    def refusal(self, sender: Endpoint, now: float) -> NatctlError | None:
+        """What the lobby says to ``sender`` by what the port admitted lately: NotFound (no open lobby),
+        NotAllowed, or None (the store decides: it is a member already, or may join)."""
+        if now >= self._gate_until:
+            self._gate = self._read_gate()
+            self._gate_until = now + self.GATE_SECONDS
+        if self._gate is None:
+            return NotFound(f"no open lobby on relay port {self.port}")
+        lobby, host, members, count = self._gate
+        if lobby.expired(self.daemon.svc.clock()):
+            return NotFound(f"no open lobby on relay port {self.port}")
+        try:
+            admission.check_sender(lobby, sender, host.addr, members, count)
+        except NotAllowed as err:
+            return err
+        return None
+
+    def _read_gate(self) -> tuple[Lobby, Host, frozenset[Endpoint], int] | None:
+        store = self.daemon.svc.store
+        host = store.host_by_port(self.port)
+        lobby = store.lobby_by_id(host.lobby_id) if host else None
+        if host is None or lobby is None or lobby.closed is not None:
+            return None
+        clients = store.clients(lobby.id)
+        # Counted as the allocator counts a host's clients (by relay port), so a refusal here is one the store makes.
+        return lobby, host, frozenset(c.addr for c in clients if c.proto == "udp"), len({c.relay_port for c in clients})
+
+    def admitted(self) -> None:
+        """A sender joined: read the port's members again before the next refusal."""
+        self._gate_until = 0.0
+
+    def flush(self) -> None:
+        """Block the refused senders in the kernel, in one command."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if self.blocks:
+            senders, self.blocks = self.blocks, []
+            try:
+                self.daemon.svc.kernel.block_all(senders)
+            except NatctlError as err:
+                self.daemon.repeats.note(time.monotonic(), "block_failed", host_port=self.port, error=str(err))
 
 
 # Sends a client's packet to the host (client port, host "ip:port", payload); see Daemon.deliver.
@@ -132,6 +226,12 @@ class Daemon:
         self._opening: set[int] = set()
         self._next_verify = time.monotonic() + VERIFY_SECONDS
         self.registration: asyncio.DatagramTransport | None = None
+        # Datagrams on the registration port that other protocols take first: each returns True
+        # if the datagram was its own (answered or dropped), False to pass it on.
+        self.handlers: list[Callable[[bytes, tuple[str, int], asyncio.DatagramTransport], bool]] = []
+        from natctl.lan.handler import lan_handler
+
+        self.handlers.append(lan_handler(self))  # LAN joins (natctl.lan); their cleanup is natctl.expiry's
         self.punches = Punches(self)
 
     def refresh_host_ports(self) -> None:
@@ -154,24 +254,36 @@ class Daemon:
         finally:
             self._opening.discard(port)
 
-    def admit(self, host_port: int, data: bytes, addr: tuple[str, int]) -> None:
-        """Admit a sender on its first packet and deliver that packet (and any queued after it)."""
+    def admit(self, host_port: int, data: bytes, addr: tuple[str, int], port: HostPort | None = None) -> None:
+        """Admit a sender on its first packet and deliver that packet (and any queued after it).
+
+        ``port`` (its listener) refuses first from what the port admits, at no store cost, and
+        collects the refused senders to block them with its batch; without it each is blocked now."""
         start = time.perf_counter()
+        sender = Endpoint(addr[0], addr[1])
         try:
-            admitted = self.svc.admit_client(host_port, Endpoint(addr[0], addr[1]))
+            refusal = port.refusal(sender, time.monotonic()) if port is not None else None
+            if refusal is not None:
+                raise refusal
+            admitted = self.svc.admit_client(host_port, sender)
         except NotAllowed as err:
-            metrics.REJECTIONS.labels("not_allowed").inc()
+            (port.REFUSED if port is not None else metrics.REJECTIONS.labels("not_allowed")).inc()
             self.repeats.note(time.monotonic(), "rejected", source=f"{addr[0]}:{addr[1]}", host_port=host_port,
                               reason=err.message)
-            self._block(addr[0], host_port)
+            if port is not None:
+                port.blocks.append((addr[0], host_port))
+            else:
+                self._block(addr[0], host_port)
             return
         except NotFound:
             metrics.REJECTIONS.labels("no_lobby").inc()
             return
-        except NatctlError as err:
+        except NatctlError as err:  # e.g. the kernel refused, or another store owns it: once per interval, counted
             metrics.SYNC_FAILURES.inc()
-            log("admission_failed", source=f"{addr[0]}:{addr[1]}", error=str(err))
+            self.repeats.note(time.monotonic(), "admission_failed", source=f"{addr[0]}:{addr[1]}", error=str(err))
             return
+        if port is not None:
+            port.admitted()
         took = time.perf_counter() - start
         metrics.SYNC_SECONDS.observe(took)
         m = admitted.mapping
@@ -243,7 +355,17 @@ class Daemon:
                                                           local_addr=(self.bind_ip, settings.registration_port))
         _deep_queue(reg)
         self.registration = reg
+        noray = None
+        if settings.noray:  # noray's protocol too (natctl.noray): its pids share the registration port
+            from natctl.noray.server import NorayServer
+
+            noray = NorayServer(self, settings.noray_allow)
+            await noray.start(self.bind_ip, settings.noray_port)
+            self.handlers.append(noray.datagram)
         self.refresh_host_ports()
+        from natctl.daemon import control  # the local control API: a Unix socket beside the store
+
+        ctl = await control.start(self)
         next_cleanup = time.monotonic() + settings.cleanup_interval
         try:
             while not stop.is_set():
@@ -269,9 +391,12 @@ class Daemon:
         finally:
             self.repeats.flush(time.monotonic(), force=True)
             self.punches.close()
+            if noray is not None:
+                noray.close()
             reg.close()
             for t in self.host_ports.values():
                 t.close()
+            ctl.close()
             self.worker.shutdown(wait=True)
 
 
@@ -289,16 +414,35 @@ def _deep_queue(transport: asyncio.BaseTransport) -> None:
             continue
 
 
+def _check_free(ip: str, port: int) -> None:
+    """Busy (exit 7) if another socket holds UDP ``ip:port`` (another natctl serve, on another store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, port))
+        except OSError as err:
+            raise Busy(f"UDP port {port} on {ip} is taken ({err.strerror}): another natctl serve may be running, "
+                       "on another store; nothing was changed",
+                       "stop it (systemctl stop natctl), pass its --state, or choose --registration-port") from None
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. The kernel keeps every mapping when it stops."""
     fd = lock(settings.state)
     try:
         svc = Service(settings)
+        # Refused before anything is changed or bound: a relay range the kernel may hand out, a kernel
+        # table that another store owns (unless --adopt), a registration port another process holds.
+        svc.rec.check_ports()
+        svc.rec.check_owner()
+        _check_free(_local_or_any(svc.relay_ip), settings.registration_port)
         svc.rec.check_forwarding()  # a reboot may have turned it off while the kernel's maps came back in sync
         # After a reboot (no table, no tag) rebuild the kernel from the store; after a restart
         # the kernel still carries the store's tag and is trusted (cleanup verifies in full later).
         in_sync = svc.in_sync()
         result = None if in_sync else svc.apply()
+        # --adopt took the kernel over (or had nothing to take): the daemon's later changes, its cleanup
+        # thread's too, refuse a table another store claims meanwhile instead of taking it back.
+        svc.settings = svc.rec.settings = replace(svc.settings, adopt=False)
         log("started", pid=os.getpid(), relay_ip=svc.relay_ip, backend=svc.kernel.name,
             registration_port=settings.registration_port, kernel="in sync" if in_sync else "reconciled",
             added=result.added if result else 0, deleted=result.deleted if result else 0)

@@ -54,13 +54,17 @@ def stale_socket(path: str) -> bool:
     return False
 
 
-class WireGuard:
-    kind = "wireguard"
+class Interface:
+    """A WireGuard interface natctl owns: its key file, the device (kernel or wireguard-go) and its peers.
 
-    def __init__(self, settings: GmSettings, key_file: str) -> None:
-        self.settings = settings
-        self.iface = settings.interface
-        self.key_file = key_file
+    What it carries is the caller's: the GMs' VPN (``WireGuard`` below) and the LANs (natctl.lan.relay)
+    each own one, with their own name, port and key.
+    """
+
+    def __init__(self, iface: str, port: int, key_file: str, address: str | None = None, mtu: int | None = None) -> None:
+        self.iface, self.port, self.key_file = iface, port, key_file
+        self.address = address  # CIDR the interface holds (the relay's address in the VPN), or none
+        self.mtu = mtu
 
     # --- keys
 
@@ -82,9 +86,6 @@ class WireGuard:
         private = run(["wg", "genkey"]).stdout.strip()
         return Identity(public_key=run(["wg", "pubkey"], input=private + "\n").stdout.strip(), private_key=private)
 
-    def client_config(self, gm: Gm, identity: Identity, relay_ip: str) -> str:
-        return wireguard_config(gm, identity, self.settings, self.server_public_key(), relay_ip)
-
     # --- the interface
 
     def exists(self) -> bool:
@@ -95,38 +96,22 @@ class WireGuard:
         self.server_public_key()
         if not self.exists():
             self._create()
-        net = self.settings.network
-        run(["wg", "set", self.iface, "listen-port", str(self.settings.port), "private-key", self.key_file])
-        run(["ip", "address", "replace", f"{self.settings.relay_address}/{net.prefixlen}", "dev", self.iface])
+        run(["wg", "set", self.iface, "listen-port", str(self.port), "private-key", self.key_file])
+        if self.address:
+            run(["ip", "address", "replace", self.address, "dev", self.iface])
+        if self.mtu:
+            run(["ip", "link", "set", self.iface, "mtu", str(self.mtu)])
         run(["ip", "link", "set", self.iface, "up"])
 
     def _create(self) -> None:
-        if run(["ip", "link", "add", self.iface, "type", "wireguard"], check=False).returncode == 0:
-            return
-        # No kernel module: userspace. wireguard-go forks a daemon and returns once the
-        # interface and its control socket exist.
-        if shutil.which("wireguard-go") is None:
-            raise KernelError("the kernel has no WireGuard module and wireguard-go is not installed",
-                              "run 'make setup' (or apt-get install wireguard-go)")
-        proc = run(["wireguard-go", self.iface], check=False)
-        if proc.returncode != 0 or not self.exists():
-            why = (proc.stderr.strip().splitlines() or ["no interface appeared"])[-1]
-            raise KernelError(f"wireguard-go could not create {self.iface} ({why})",
-                              "another WireGuard interface on this machine may use that name: "
-                              "pick another with 'natctl gm --interface NAME'")
+        create(self.iface)
 
     def down(self) -> bool:
         """Delete the interface; wireguard-go exits with it. True if it existed."""
         existed = self.exists()
         if existed:
             run(["ip", "link", "delete", "dev", self.iface])
-        path = socket_path(self.iface)
-        deadline = time.monotonic() + 3
-        while os.path.exists(path) and time.monotonic() < deadline:
-            if stale_socket(path):  # never remove a live socket: it may be another namespace's interface
-                os.unlink(path)
-                break
-            time.sleep(0.05)
+        forget_socket(self.iface)
         return existed
 
     # --- peers
@@ -139,11 +124,8 @@ class WireGuard:
             out[key] = (allowed, float(handshake) or None, None if endpoint == "(none)" else endpoint)
         return out
 
-    def sync(self, gms: list[Gm]) -> None:
-        """Make the peers exactly these GMs, in one ``wg set``. Nothing to do while the interface is down."""
-        if not self.exists():
-            return
-        want = {g.public_key: f"{g.address}/32" for g in gms if g.vpn == self.kind}
+    def set_peers(self, want: dict[str, str]) -> None:
+        """Make the peers exactly ``want`` (public key -> allowed IPs), in one ``wg set``."""
         have = self.peers()
         argv = ["wg", "set", self.iface]
         for key in sorted(set(have) - set(want)):
@@ -153,6 +135,54 @@ class WireGuard:
                 argv += ["peer", key, "allowed-ips", allowed]
         if len(argv) > 3:
             run(argv)
+
+
+def create(iface: str, option: str = "natctl gm --interface") -> None:
+    """A WireGuard device called ``iface``: the kernel's, or wireguard-go's when the kernel has no module."""
+    if run(["ip", "link", "add", iface, "type", "wireguard"], check=False).returncode == 0:
+        return
+    # No kernel module: userspace. wireguard-go forks a daemon and returns once the
+    # interface and its control socket exist.
+    if shutil.which("wireguard-go") is None:
+        raise KernelError("the kernel has no WireGuard module and wireguard-go is not installed",
+                          "run 'make setup' (or apt-get install wireguard-go)")
+    proc = run(["wireguard-go", iface], check=False)
+    if proc.returncode != 0 or run(["ip", "link", "show", "dev", iface], check=False).returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no interface appeared"])[-1]
+        raise KernelError(f"wireguard-go could not create {iface} ({why})",
+                          "another WireGuard interface on this machine may use that name: "
+                          f"pick another with '{option} NAME'")
+
+
+def forget_socket(iface: str, wait: float = 3.0) -> None:
+    """Remove the control socket a deleted wireguard-go interface leaves behind (never a live one)."""
+    path = socket_path(iface)
+    deadline = time.monotonic() + wait
+    while os.path.exists(path) and time.monotonic() < deadline:
+        if stale_socket(path):  # never remove a live socket: it may be another namespace's interface
+            os.unlink(path)
+            break
+        time.sleep(0.05)
+
+
+class WireGuard(Interface):
+    """The GMs' VPN: one interface whose peers are exactly the GM rows."""
+
+    kind = "wireguard"
+
+    def __init__(self, settings: GmSettings, key_file: str) -> None:
+        super().__init__(settings.interface, settings.port, key_file,
+                         f"{settings.relay_address}/{settings.network.prefixlen}")
+        self.settings = settings
+
+    def client_config(self, gm: Gm, identity: Identity, relay_ip: str) -> str:
+        return wireguard_config(gm, identity, self.settings, self.server_public_key(), relay_ip)
+
+    def sync(self, gms: list[Gm]) -> None:
+        """Make the peers exactly these GMs, in one ``wg set``. Nothing to do while the interface is down."""
+        if not self.exists():
+            return
+        self.set_peers({g.public_key: f"{g.address}/32" for g in gms if g.vpn == self.kind})
 
     def tunnels(self, gms: list[Gm], now: float) -> dict[str, Tunnel]:
         if not self.exists():

@@ -17,7 +17,7 @@ from natctl.errors import KernelError, NatctlError
 from natctl.kernel.backend import Kernel, NftKernel
 from natctl.kernel.nft import Installed
 from natctl.kernel.xdp import PIN_ROOT, Program, XdpUnavailable, detach
-from natctl.plan import NFT_SETS, XDP, Changes, Element, Flow
+from natctl.plan import NFT_SETS, XDP, Changes, Element, Flow, Owner
 
 
 def warn(text: str) -> None:
@@ -53,12 +53,15 @@ class XdpKernel:
     def generation(self) -> int | None:
         return self.nft.generation()
 
+    def owner(self) -> Owner | None:
+        return self.nft.owner()  # the owner lives in the nftables table; the XDP map follows whoever owns it
+
     def apply(self, changes: Changes) -> None:
         xdp_del = [e.key for e in changes.delete if e.set == XDP]
         xdp_add = {e.key: e.value for e in changes.add if e.set == XDP and e.value is not None}
         self.nft.apply(Changes(tuple(e for e in changes.add if e.set != XDP),
                                tuple(e for e in changes.delete if e.set != XDP), changes.create_table,
-                               changes.generation))
+                               changes.generation, changes.owner))
         if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
             return
         try:
@@ -89,6 +92,9 @@ class XdpKernel:
 
     def block(self, ip: str, port: int) -> None:
         self.nft.block(ip, port)  # refused senders are dropped by nftables; XDP passes unknown keys to it
+
+    def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
+        self.nft.block_all(senders)
 
     def uninstall(self) -> bool:
         table = self.nft.uninstall()

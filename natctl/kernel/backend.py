@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from natctl.kernel.nft import DELIVERY_MARK, Installed
-from natctl.plan import NFT_SETS, Changes, Flow
+from natctl.plan import NFT_SETS, Changes, Flow, Owner
 
 
 class Kernel(Protocol):
@@ -29,6 +29,10 @@ class Kernel(Protocol):
 
     def generation(self) -> int | None: ...
 
+    def owner(self) -> Owner | None:
+        """The store the installed table belongs to (written with Changes.owner); None: nobody's."""
+        ...
+
     def apply(self, changes: Changes) -> None: ...
 
     def forget(self, flows: list[Flow]) -> int:
@@ -37,6 +41,10 @@ class Kernel(Protocol):
 
     def block(self, ip: str, port: int) -> None:
         """Drop ``ip``'s packets to host port ``port`` in the kernel for a while (a refused sender)."""
+        ...
+
+    def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
+        """``block`` for many (ip, host port) pairs in one kernel command."""
         ...
 
     def uninstall(self) -> bool: ...
@@ -58,6 +66,9 @@ class NftKernel:
     def generation(self) -> int | None:
         return self.nft.generation()
 
+    def owner(self) -> Owner | None:
+        return self.nft.owner()
+
     def apply(self, changes: Changes) -> None:
         self.nft.apply(changes)
 
@@ -68,6 +79,9 @@ class NftKernel:
 
     def block(self, ip: str, port: int) -> None:
         self.nft.block(ip, port)
+
+    def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
+        self.nft.block_all(senders)
 
     def uninstall(self) -> bool:
         return self.nft.uninstall()

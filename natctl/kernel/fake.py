@@ -14,12 +14,17 @@ import ipaddress
 from collections.abc import Iterable
 
 from natctl.errors import KernelError
-from natctl.kernel.nft import DELIVERY_MARK, TABLE, TYPES, Installed, element_text, render
+from natctl.kernel.nft import DELIVERY_MARK, INTERVAL, TABLE, TYPES, Installed, comment_text, element_text, render
 from natctl.model import Endpoint
-from natctl.plan import DNAT, FWD, MASQ, NFT_SETS, SNAT, Changes, Element, Flow
+from natctl.plan import DNAT, FWD, MASQ, NFT_SETS, SNAT, Changes, Element, Flow, Owner
 
 
-def _ok(kind: str, v: object) -> bool:
+def _ok(kind: str, v: object, interval: bool = False) -> bool:
+    if kind == "ipv4_addr" and interval:  # a network, written as plan.py writes it (198.18.2.0/24)
+        try:
+            return isinstance(v, str) and str(ipaddress.IPv4Network(v)) == v
+        except ValueError:
+            return False
     if kind == "ipv4_addr":
         try:
             ipaddress.IPv4Address(v if isinstance(v, str) else "")
@@ -33,11 +38,11 @@ def _ok(kind: str, v: object) -> bool:
     return False
 
 
-def _shape_ok(values: tuple | None, typ: str | None) -> bool:
+def _shape_ok(values: tuple | None, typ: str | None, interval: bool = False) -> bool:
     if values is None or typ is None:
         return values is None and typ is None
     kinds = typ.split(" . ")
-    return len(values) == len(kinds) and all(_ok(k, v) for k, v in zip(kinds, values))
+    return len(values) == len(kinds) and all(_ok(k, v, interval) for k, v in zip(kinds, values))
 
 
 def _refuse(why: str) -> KernelError:
@@ -49,7 +54,7 @@ def check(e: Element, with_value: bool = True) -> None:
     if e.set not in TYPES:
         raise _refuse(f"no set {e.set} in table inet {TABLE}")
     ktype, vtype = TYPES[e.set]
-    if not (_shape_ok(e.key, ktype) and (not with_value or _shape_ok(e.value, vtype))):
+    if not (_shape_ok(e.key, ktype, e.set in INTERVAL) and (not with_value or _shape_ok(e.value, vtype))):
         raise _refuse(f"{e} does not fit {ktype}{' : ' + vtype if vtype else ''}")
 
 
@@ -91,7 +96,7 @@ class FakeKernel:
                              counters={k: v for k, v in self.installed.counters.items() if k[0] in keep})
         self.reads += 1
         return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
-                         dict(self.installed.counters))
+                         dict(self.installed.counters), owner=self.installed.owner)
 
     def apply(self, changes: Changes) -> None:
         if not changes:
@@ -105,12 +110,17 @@ class FakeKernel:
         # Counters live with their elements: those that stay keep counting.
         keys = {(e.set, e.key) for e in elements}
         counters = {} if changes.create_table else {k: v for k, v in self.installed.counters.items() if k in keys}
-        self.installed = Installed(True, True, elements, counters)
+        owner = None if changes.create_table else self.installed.owner
+        self.installed = Installed(True, True, elements, counters, owner=changes.owner or owner)
         if changes.create_table or changes.generation is not None:
             self.gen = changes.generation
 
     def generation(self) -> int | None:
         return self.gen
+
+    def owner(self) -> Owner | None:
+        owner = self.installed.owner
+        return Owner(owner.id, comment_text(owner.path)) if owner else None  # as nft keeps the comment
 
     def forget(self, flows: list[Flow]) -> int:
         self.forgotten.extend(flows)
@@ -118,6 +128,9 @@ class FakeKernel:
 
     def block(self, ip: str, port: int) -> None:
         self.blocked.append((ip, port))
+
+    def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
+        self.blocked.extend(dict.fromkeys(senders))
 
     def uninstall(self) -> bool:
         existed = self.installed.present
@@ -131,6 +144,9 @@ class FakeKernel:
             return ""
         lines = [f"add element inet {TABLE} {e.set} {{ {element_text(e, True)} }}" for e in self.installed.elements]
         lines += [f"add element inet {TABLE} blocked4 {{ {ip} . {port} }}" for ip, port in self.blocked]
+        if self.installed.owner is not None:
+            owner = self.installed.owner
+            lines.append(f'add element inet {TABLE} owner {{ {owner.id} comment "{comment_text(owner.path)}" }}')
         return "\n".join([f"add table inet {TABLE}", *sorted(lines)]) + "\n"
 
 

@@ -7,6 +7,7 @@ natctl owns ``table inet natctl`` alone and touches no other table.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -15,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from natctl.errors import KernelError
-from natctl.plan import DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Element
+from natctl.plan import ALLOW, DNAT, FWD, FWDACCT, HOSTPORTS, MASQ, SNAT, Changes, Element, Owner
 
 TABLE = "natctl"
 # An empty set whose name carries the layout version: nft 1.0.6 does not
 # show table comments in JSON, and a natctl with another layout must rebuild.
-SCHEMA = "schema_v7"
+SCHEMA = "schema_v8"
 # Packets natctl's daemon sends itself (a client's first packets, delivered to
 # the host from relay:client_port) carry this mark and skip conntrack, so they
 # never take the tuple the client's own flow will need.
@@ -44,7 +45,11 @@ TYPES: dict[str, tuple[str, str | None]] = {
     FWDACCT: ("ipv4_addr . inet_proto . inet_service", None),
     MASQ: ("ipv4_addr . inet_proto . inet_service", None),
     HOSTPORTS: ("inet_service", None),
+    ALLOW: ("inet_service . ipv4_addr", None),
 }
+# Interval sets: their ipv4_addr fields hold networks (plan.py writes "198.18.2.0/24", "198.18.2.5/32").
+INTERVAL = frozenset({ALLOW})
+COMMENT_MAX = 128  # nft takes at most 128 characters in an element's comment
 
 L4 = "meta nfproto ipv4 meta l4proto { tcp, udp }"
 # Only these sets carry per-element counters (per-CPU memory each, and about a
@@ -59,7 +64,8 @@ def skeleton() -> str:
         kind = "map" if vtype else "set"
         typ = f"{ktype} : {vtype}" if vtype else ktype
         counter = "\n    counter" if name in COUNTED else ""
-        sets.append(f"  {kind} {name} {{\n    type {typ}{counter}\n  }}")
+        flags = "\n    flags interval" if name in INTERVAL else ""
+        sets.append(f"  {kind} {name} {{\n    type {typ}{flags}{counter}\n  }}")
     # nft 1.0.6 wants a newline before the closing brace of a chain ending in a map rule.
     return "\n".join(
         [
@@ -67,12 +73,15 @@ def skeleton() -> str:
             '  comment "managed by natctl: edit with the natctl command, not by hand"',
             f"  set {SCHEMA} {{\n    type inet_service\n  }}",
             "  set generation {\n    type mark\n  }",
+            # The store this table belongs to (one element: its id, its path as the comment; see Changes.owner).
+            "  set owner {\n    type mark\n  }",
             *sets,
             # Senders the daemon refused, for a while: dropped here at no cost to it.
             (f"  set blocked4 {{\n    type ipv4_addr . inet_service\n    flags dynamic,timeout\n"
              f"    timeout {BLOCK_SECONDS}s\n  }}"),
             "  set flood4 {\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout 60s\n  }",
             "  counter unknown_blocked {\n  }",
+            "  counter unknown_refused {\n  }",
             "  counter unknown_limited {\n  }",
             # An unknown sender's packets to a host port go to the daemon without a
             # conntrack entry, so that once it is admitted its next packet is NATed.
@@ -94,6 +103,8 @@ def skeleton() -> str:
             "  }",
             "  chain input {",
             "    type filter hook input priority filter; policy accept;",
+            # A sender outside its lobby's allowed networks never reaches the daemon (nor its rate limits).
+            f'    udp dport @{HOSTPORTS} udp dport . ip saddr != @{ALLOW} counter name "unknown_refused" drop',
             f'    udp dport @{HOSTPORTS} ip saddr . udp dport @blocked4 counter name "unknown_blocked" drop',
             (f"    udp dport @{HOSTPORTS} update @flood4 {{ ip saddr limit rate over {UNKNOWN_RATE_PER_SOURCE} }}"
              ' counter name "unknown_limited" drop'),
@@ -139,6 +150,13 @@ def _statements(verb: str, elements: Iterable[Element]) -> list[str]:
     return out
 
 
+def comment_text(text: str) -> str:
+    """``text`` as an nft comment can hold it: printable ASCII without quotes, at most COMMENT_MAX bytes
+    (a long path keeps its end)."""
+    clean = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return clean if len(clean) <= COMMENT_MAX else "..." + clean[-(COMMENT_MAX - 3):]
+
+
 def render(changes: Changes) -> str:
     """One nft script for a sync: deletes before adds, so changed values swap in place."""
     lines: list[str] = []
@@ -151,6 +169,9 @@ def render(changes: Changes) -> str:
     if changes.generation is not None:
         lines += [f"flush set inet {TABLE} generation",
                   f"add element inet {TABLE} generation {{ {changes.generation} }}"]
+    if changes.owner is not None:
+        lines += [f"flush set inet {TABLE} owner",
+                  f'add element inet {TABLE} owner {{ {changes.owner.id} comment "{comment_text(changes.owner.path)}" }}']
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +184,7 @@ class Installed:
     elements: set[Element] = field(default_factory=set)
     counters: dict[tuple[str, tuple], tuple[int, int]] = field(default_factory=dict)
     named: dict[str, tuple[int, int]] = field(default_factory=dict)  # named counter objects
+    owner: Owner | None = None  # the store the table belongs to (None: nobody's yet)
 
 
 # IANA protocol numbers, fixed: a listing's protocols never depend on /etc/protocols.
@@ -179,7 +201,23 @@ def _port(v: int | str) -> int:
                           "list the table with numeric ports (nft without -S)") from None
 
 
-def _field(kind: str, v: Any) -> Any:
+def _network(v: Any) -> str:
+    """An interval set's address field as plan.py writes it: a CIDR ("198.18.2.0/24", "198.18.2.5/32").
+
+    nft prints a prefix as {"prefix": {"addr", "len"}}, a single address bare, and a range that is
+    no prefix as {"range": [low, high]} (kept as "low-high", which no plan holds: a diff replaces it)."""
+    if isinstance(v, dict) and "prefix" in v:
+        return str(ipaddress.IPv4Network(f"{v['prefix']['addr']}/{v['prefix']['len']}", strict=False))
+    if isinstance(v, dict) and "range" in v:
+        low, high = (ipaddress.IPv4Address(a) for a in v["range"])
+        nets = list(ipaddress.summarize_address_range(low, high))
+        return str(nets[0]) if len(nets) == 1 else f"{low}-{high}"
+    return str(ipaddress.IPv4Network(str(v), strict=False))
+
+
+def _field(kind: str, v: Any, interval: bool = False) -> Any:
+    if interval and kind == "ipv4_addr":
+        return _network(v)
     if kind == "inet_proto":
         return PROTO_NAMES.get(int(v), int(v)) if isinstance(v, int) or v.isdigit() else v.lower()
     if kind == "inet_service":
@@ -187,11 +225,19 @@ def _field(kind: str, v: Any) -> Any:
     return v if isinstance(v, (int, str)) else str(v)
 
 
-def _tuple(obj: Any, typ: str | None) -> tuple:
+def _tuple(obj: Any, typ: str | None, interval: bool = False) -> tuple:
     """An element's key or value as plan.py builds it, whatever names the listing used."""
     kinds = typ.split(" . ") if typ else []
     values = obj["concat"] if isinstance(obj, dict) and "concat" in obj else [obj]
-    return tuple(_field(kinds[i] if i < len(kinds) else "", v) for i, v in enumerate(values))
+    return tuple(_field(kinds[i] if i < len(kinds) else "", v, interval) for i, v in enumerate(values))
+
+
+def _owner(elems: list) -> Owner | None:
+    for raw in elems:
+        inner = raw["elem"] if isinstance(raw, dict) and "elem" in raw else {"val": raw}
+        if isinstance(inner.get("val"), int):
+            return Owner(inner["val"], inner.get("comment", ""))
+    return None
 
 
 def parse_listing(doc: dict) -> Installed:
@@ -206,6 +252,8 @@ def parse_listing(doc: dict) -> Installed:
                 names.add(item[kind]["name"])
         if "counter" in item:
             out.named[item["counter"]["name"]] = (item["counter"]["packets"], item["counter"]["bytes"])
+        if item.get("set", {}).get("name") == "owner":
+            out.owner = _owner(item["set"].get("elem", []))
         for kind in ("map", "set"):
             obj = item.get(kind)
             if not obj or obj.get("name") not in TYPES:
@@ -218,12 +266,12 @@ def parse_listing(doc: dict) -> Installed:
                     counter, comment = inner.get("counter"), inner.get("comment", "")
                     key_obj = inner["val"]
                 ktype, vtype = TYPES[obj["name"]]
-                key = _tuple(key_obj, ktype)
+                key = _tuple(key_obj, ktype, obj["name"] in INTERVAL)
                 value = _tuple(value_obj, vtype) if value_obj is not None else None
                 out.elements.add(Element(obj["name"], key, value, comment))
                 if counter:
                     out.counters[(obj["name"], key)] = (counter["packets"], counter["bytes"])
-    out.table_ok = out.present and names >= {SCHEMA, "generation", *TYPES, *CHAINS}
+    out.table_ok = out.present and names >= {SCHEMA, "generation", "owner", *TYPES, *CHAINS}
     return out
 
 
@@ -293,6 +341,11 @@ class Nft:
                 return elems[0]
         return None
 
+    def owner(self) -> Owner | None:
+        """The store the table belongs to (Changes.owner); None without a table or an owner."""
+        rc, out, _ = self._nft.cmd(f"list set inet {TABLE} owner")
+        return parse_listing(json.loads(out)).owner if rc == 0 else None
+
     def uninstall(self) -> bool:
         """Delete table inet natctl and nothing else. True if it existed."""
         if not self.read().present:
@@ -302,4 +355,10 @@ class Nft:
 
     def block(self, ip: str, port: int) -> None:
         """Drop a refused sender's packets to one host port in the kernel for BLOCK_SECONDS."""
-        self.run(f"add element inet {TABLE} blocked4 {{ {ip} . {port} }}")
+        self.block_all([(ip, port)])
+
+    def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
+        """``block`` for many senders in one command (the daemon blocks a batch of refusals at once)."""
+        body = ", ".join(f"{ip} . {port}" for ip, port in dict.fromkeys(senders))
+        if body:
+            self.run(f"add element inet {TABLE} blocked4 {{ {body} }}")

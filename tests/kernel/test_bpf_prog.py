@@ -146,6 +146,10 @@ CASES = {
                                             "redirect"),
     "neighbour unknown": lambda e: (e.frame((CLIENT[0], 40003), P_H), PASS, SAME, "pass_no_neigh"),
     "unknown key": lambda e: (e.frame(CLIENT, P_C), PASS, SAME, "pass_no_key"),
+    # A host's PUNCH on a mapped path is for the daemon, never forwarded to the player (natctl.daemon.punch).
+    "host's punch": lambda e: (e.frame(HOST, P_C, b"NATC\x02\x05" + bytes(4)), PASS, SAME, "pass_punch"),
+    "punch-shaped but longer": lambda e: (e.frame(HOST, P_C, b"NATC\x02\x05" + bytes(5)), TX,
+                                          e.rewritten(REV, b"NATC\x02\x05" + bytes(5)), "tx"),
     "unknown sender": lambda e: (e.frame(("198.18.9.9", 40001), P_H), PASS, SAME, "pass_no_key"),
     "more fragments": lambda e: (e.frame(CLIENT, P_H, frag=0x2000), PASS, SAME, "pass_fragment"),
     "fragment offset": lambda e: (e.frame(CLIENT, P_H, frag=0x0001), PASS, SAME, "pass_fragment"),

@@ -102,18 +102,14 @@ def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon
 
 def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, game):
     relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
-    # A sender from a network the lobby does not allow is never forwarded, and after the
-    # daemon refused it once the kernel drops the rest: a flood never reaches the daemon.
+    # A sender from a network the lobby does not allow is never forwarded and never reaches the
+    # daemon: the kernel knows the lobby's networks (allow4) and drops it, counted.
     for i in range(2000):  # bounded: 2000 datagrams
         game["stranger"].sendto(b"let me in %d" % i, (relay_ip, host_port))
-        if i == 0:
-            time.sleep(0.2)
     time.sleep(0.5)
     assert drain(game["host"]) == []
-    assert 1 <= len(daemon.events("rejected")) <= 5
-    blocked = run(["nft", "list", "set", "inet", "natctl", "blocked4"], ns=lab.relay_ns).stdout
-    assert f"{lab.members['stranger'].public_ip} . {host_port}" in blocked
-    counters = run(["nft", "list", "counter", "inet", "natctl", "unknown_blocked"], ns=lab.relay_ns).stdout
+    assert daemon.events("rejected") == []
+    counters = run(["nft", "list", "counter", "inet", "natctl", "unknown_refused"], ns=lab.relay_ns).stdout
     assert int(counters.split("packets ")[1].split()[0]) >= 1900
     # A wrong token never registers and gets no answer.
     with pytest.raises(NatctlError, match="no answer"):

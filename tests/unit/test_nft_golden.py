@@ -30,7 +30,7 @@ import pytest
 from natctl.kernel.fake import FakeKernel
 from natctl.kernel.nft import parse_listing, render, skeleton
 from natctl.model import Client, Endpoint, Forward, Host, Lobby, Snapshot
-from natctl.plan import FWDACCT, NFT_SETS, SNAT, diff, plan
+from natctl.plan import ALLOW, FWDACCT, NFT_SETS, SNAT, Owner, diff, plan
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("NATCTL_UPDATE_GOLDEN") == "1"
@@ -39,9 +39,10 @@ RELAY = "198.18.0.1"
 HA, HB = Endpoint("198.18.1.2", 27015), Endpoint("198.18.1.3", 27015)
 C1, C2, C3 = Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.3", 40002), Endpoint("198.18.2.4", 40001)
 # Two lobbies; lobby b reuses client port 20000; ports 8080 and 80 have service names.
+# Lobby a admits two networks (a /25 inside the /24 merges into it; a /32 lists as a bare address), b is open.
 SNAP = Snapshot(
     relay_ip=RELAY,
-    lobbies=(Lobby(1, "a"), Lobby(2, "b")),
+    lobbies=(Lobby(1, "a", allow=("198.18.2.0/24", "198.18.7.7/32", "198.18.2.128/25")), Lobby(2, "b", open=True)),
     hosts=(Host(1, HA, 29999), Host(2, HB, 29998)),
     clients=(Client(1, 1, "udp", C1, 20000), Client(2, 1, "tcp", C2, 20001), Client(3, 2, "udp", C3, 20000)),
     forwards=(Forward(8080, Endpoint("198.18.9.9", 80), "both"),
@@ -54,6 +55,8 @@ AFTER = replace(SNAP, clients=(SNAP.clients[0], SNAP.clients[2], C4), forwards=S
 PACKETS = [(C1, HA, 100), (HB, C3, 50)]
 COUNTED = {(SNAT, (C1.ip, "udp", C1.port, HA.ip, HA.port)): (1, 128),
            (SNAT, (HB.ip, "udp", HB.port, C3.ip, C3.port)): (1, 78)}
+# The store the recorded table belongs to.
+OWNER = Owner(0x1234ABCD, "/var/lib/natctl/natctl.db")
 # How each recording prints fwd4's key tcp . 8080.
 LISTINGS = {"names": ["tcp", 8080], "numbers": [6, 8080], "services": ["tcp", "http-alt"]}
 
@@ -84,7 +87,7 @@ def test_a_change_touching_two_lobbies():
 
 def test_fake_dump_after_an_install():
     fake = FakeKernel()
-    fake.apply(diff(plan(SNAP, None, NFT_SETS), set(), table_ok=False))
+    fake.apply(replace(diff(plan(SNAP, None, NFT_SETS), set(), table_ok=False), owner=OWNER))
     golden("fake-install.txt", fake.dump())
 
 
@@ -103,7 +106,11 @@ def test_recorded_listing_parses_to_the_plan(variant):
     assert {e: e.comment for e in got.elements} == {e: e.comment for e in want}
     assert set(got.counters) == {(e.set, e.key) for e in want if e.set in (SNAT, FWDACCT)}
     assert {k: v for k, v in got.counters.items() if v != (0, 0)} == COUNTED
-    assert got.named == {"unknown_blocked": (0, 0), "unknown_limited": (0, 0)}
+    assert got.named == {"unknown_blocked": (0, 0), "unknown_refused": (0, 0), "unknown_limited": (0, 0)}
+    # Interval elements come back as the CIDR text plan.py writes, whichever way nft printed them.
+    assert {e.key for e in got.elements if e.set == ALLOW} == {
+        (29999, "198.18.2.0/24"), (29999, "198.18.7.7/32"), (29998, "0.0.0.0/0")}
+    assert got.owner == OWNER
     # What conntrack cleanup is handed when all of it goes: protocol names, whatever nft printed.
     assert {f.proto for f in diff(set(), got.elements).flows()} == {"udp", "tcp"}
 
@@ -123,7 +130,7 @@ def record() -> None:
         for ep in {a for a, _, _ in PACKETS} | {b for _, b, _ in PACKETS}:
             subprocess.run([*sh, "ip", "addr", "add", f"{ep.ip}/32", "dev", "lo"], check=True)
         with entered(ns):
-            Nft().apply(diff(plan(SNAP, None, NFT_SETS), set(), table_ok=False))
+            Nft().apply(replace(diff(plan(SNAP, None, NFT_SETS), set(), table_ok=False), owner=OWNER))
             # Local packets still pass postrouting, where the snat4 lookup counts a flow's first packet.
             for src, dst, size in PACKETS:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

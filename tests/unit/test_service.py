@@ -2,8 +2,11 @@
 
 import pytest
 
+from natctl.config import Settings
 from natctl.errors import Conflict, Exhausted, KernelError, NotFound
-from natctl.model import Endpoint
+from natctl.kernel.fake import FakeKernel
+from natctl.model import Endpoint, PortRange
+from natctl.service import Service
 
 H, C1, C2 = Endpoint("198.18.1.2", 27015), Endpoint("198.18.2.2", 40001), Endpoint("198.18.2.2", 40002)
 
@@ -87,9 +90,9 @@ def test_cleanup_removes_what_expired(svc):
     svc.lobby_create("long", ttl=3600)
     svc.map_add("short", H, [C1])
     svc.forward_add(8080, Endpoint("198.18.9.9", 80), ttl=60)
-    assert svc.cleanup() == {"lobbies": [], "forwards": [], "idle": []}
+    assert svc.cleanup() == {"lobbies": [], "forwards": [], "idle": [], "lans": [], "members": []}
     now[0] += 61
-    assert svc.cleanup() == {"lobbies": ["short"], "forwards": [8080], "idle": []}
+    assert svc.cleanup() == {"lobbies": ["short"], "forwards": [8080], "idle": [], "lans": [], "members": []}
     assert [lb.name for lb in svc.lobbies()] == ["long"] and svc.fake.installed.elements == set()
 
 
@@ -254,3 +257,27 @@ def test_a_store_from_before_punches_gets_the_new_columns(tmp_path):
     host = store.host(1)
     assert host is not None and host.opens is False and host.relay_port == 29999
     store.close()
+
+
+def test_announced_clients_that_never_arrive_go_with_idle_cleanup(tmp_path, monkeypatch):
+    """noray's connect-relay announces a client; its first packet installs it; if none comes, cleanup removes it."""
+    from natctl.plan import DNAT
+
+    monkeypatch.setattr("natctl.sync.local_port_overlap", lambda ports: None)
+    now = [1000.0]
+    kernel = FakeKernel()
+    svc = Service(Settings(state=str(tmp_path / "s.db"), relay_ip="198.18.0.1", ports=PortRange(20000, 20009),
+                           idle_timeout=60), kernel_factory=lambda: kernel, clock=lambda: now[0])
+    _, token = svc.lobby_create("a", open_=True)
+    host = svc.register_host(token, H).host
+    announced = svc.admit_client(host.relay_port, C1, expect=True)
+    assert announced.pending and not announced.new and not any(e.set == DNAT for e in kernel.installed.elements)
+    arrived = svc.admit_client(host.relay_port, C1)  # its first packet
+    assert arrived.new and not arrived.pending and any(e.set == DNAT for e in kernel.installed.elements)
+    assert kernel.forgotten[-1].saddr == H.ip and kernel.forgotten[-1].dport == arrived.mapping.client_port
+    svc.admit_client(host.relay_port, C2, expect=True)
+    now[0] += 61
+    gone = svc.expire_idle()
+    assert [g for g in gone if "never arrived" in g] == [f"udp/{C2} (never arrived)"]  # C1 went as idle
+    assert svc.store.clients() == []
+    svc.close()

@@ -1,0 +1,90 @@
+"""A command imports what it uses, no more: the budget that keeps `natctl map add` fast for scripts.
+
+Each check runs a fresh interpreter with ``-X importtime`` and reads the modules it imported.
+pydantic stands for typer's coercion (natctl.cli passes text and flags through instead); rich
+for tables; pyroute2 for rtnetlink and conntrack; prometheus_client and asyncio for the daemon.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# Never for a changing command: each costs tens of milliseconds to import.
+HEAVY = ("pydantic", "rich", "pyroute2", "prometheus_client", "asyncio", "natctl.daemon", "natctl.gm",
+         "natctl.noray", "natctl.lan", "natctl.join", "natctl.lab", "natctl.demo", "bench")
+# Not even the service, the store or the kernel for merely loading the command line (--help, --version).
+ROOT_ONLY = (*HEAVY, "natctl.service", "natctl.store", "natctl.sync", "natctl.kernel", "nftables", "tomllib")
+
+
+def imported(code: str, *argv: str) -> set[str]:
+    """The modules a fresh interpreter imports to run ``code`` (with ``argv`` as sys.argv[1:])."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *argv], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "NATCTL_CONFIG": "/nonexistent"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+            and "|" in line and not line.endswith("package")}
+
+
+def offenders(modules: set[str], banned: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == b or m.startswith(b + ".") for b in banned))
+
+
+def test_loading_the_command_line_imports_no_service_kernel_or_daemon():
+    assert offenders(imported("import natctl.cli.app; import natctl.cli; natctl.cli.command()"), ROOT_ONLY) == []
+
+
+RUN = """
+import sys
+from natctl.cli import command
+from natctl.kernel.fake import FakeKernel
+kernel = FakeKernel()
+try:
+    command().main(sys.argv[1:], prog_name="natctl", obj={"kernel_factory": lambda: kernel})
+except SystemExit as done:
+    assert not done.code, done.code
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["lobby", "create", "a", "--allow", "198.18.2.0/24", "--ttl", "1h"],
+    ["map", "add", "--lobby", "a", "--host", "198.18.1.2:27015", "--client", "198.18.2.2:40001", "--json"],
+    ["map", "remove", "--lobby", "a", "--client", "198.18.2.2:40001"],
+    ["forward", "add", "--port", "8080", "--to", "198.18.1.2:80"],
+    ["lobby", "close", "a"],
+], ids=lambda a: " ".join(a[:2]))
+def test_a_changing_command_imports_no_heavy_module(tmp_path, argv):
+    """Through the whole command, the change applied (to the fake kernel), its answer printed."""
+    state = str(tmp_path / "s.db")
+    base = ["--state", state, "--relay-ip", "198.18.0.1", "--ports", "20000-20009", "--accel", "none"]
+    if argv[:2] != ["lobby", "create"]:
+        imported(RUN, *base, "lobby", "create", "a", "--allow", "198.18.2.0/24")
+        if argv[:2] == ["map", "remove"]:
+            imported(RUN, *base, "map", "add", "--lobby", "a", "--host", "198.18.1.2:27015", "--client", "198.18.2.2:40001")
+    assert offenders(imported(RUN, *base, *argv), HEAVY) == []
+
+
+def test_help_still_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "natctl", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for name in ("join", "serve", "install-units", "bench", "doctor", "apply", "status", "cleanup", "uninstall",
+                 "demo", "lobby", "map", "forward", "gm"):
+        assert f"\n  {name} " in proc.stdout, name
+
+
+def test_the_default_route_is_read_without_rtnetlink():
+    """natctl.kernel.links reads /proc/net/route (pyroute2 alone costs a command more than its budget)."""
+    from natctl.kernel.links import default_routes
+
+    listing = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth1\t00000000\t010012C6\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
+        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 192.168.0.0/24: not a default
+        "*\t00000000\t00000000\t0201\t0\t0\t0\t00000000\t0\t0\t0\n"  # unreachable default: no interface
+        "eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        "eth2\t00000000\t0100A8C0\t0002\t0\t0\t50\t00000000\t0\t0\t0\n"  # not up
+    )
+    assert default_routes(listing) == ["eth0", "eth1"]  # lowest metric first, as the kernel picks
+    assert default_routes(listing.splitlines()[0]) == []
