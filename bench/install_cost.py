@@ -1,6 +1,10 @@
 """Install cost (issue 2): 10,000 mappings in one apply, then one more mapping on top of them.
 
-    sudo .venv/bin/python -m bench.install_cost [--mappings 10000] [--json]
+    sudo .venv/bin/python -m bench.install_cost [--mappings 10000] [--writers netlink,nft] [--json]
+
+Each element writer (NATCTL_WRITER: ``netlink``, one nfnetlink batch from
+natctl.kernel.nlbatch; ``nft``, one libnftables script) is measured in turn,
+side by side in the same run.
 
 Builds the bench's lab (bench/lab.py), has natctl's bench worker fill a store
 with N mappings and apply them in one transaction, then adds one client twice
@@ -24,23 +28,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.install_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mappings", type=int, default=10_000)
+    ap.add_argument("--writers", default="netlink,nft", help="element writers to measure, in this order")
     ap.add_argument("--json", action="store_true", help="print every figure as JSON")
     args = ap.parse_args(argv)
+    infos = {}
     with tempfile.TemporaryDirectory(prefix="natctl-install-cost-") as tmp, benchlab.session() as lab:
-        running = NatctlNft().start(lab, Context(tmp), mappings=args.mappings, incremental=True)
-        info = running.info
-        running.stop()
+        for writer in args.writers.split(","):
+            method = NatctlNft()
+            method.env = {**method.env, "NATCTL_WRITER": writer}
+            running = method.start(lab, Context(tmp), mappings=args.mappings, incremental=True)
+            infos[writer] = running.info
+            running.stop()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(infos if len(infos) > 1 else next(iter(infos.values())), indent=2))
         return 0
-    inc = info["incremental"]
-    print(f"{info['mappings']:,} mappings ({info['elements']:,} nftables elements) in one apply: "
-          f"{info['apply_s']:.2f} s, of which the nftables transaction {info['kernel_apply_s']:.2f} s")
-    for path, what in (("daemon", "daemon (scoped admit_client)"), ("cli", "natctl map add (the CLI's path)")):
-        d = inc[path]
-        print(f"one more mapping via {what}: {d['total_ms']:.2f} ms (kernel transaction {d['kernel_apply_ms']:.2f} ms, "
-              f"reading the kernel {d['kernel_read_ms']:.0f} ms), {d['elements_sent']} elements sent, "
-              f"only that mapping's: {'yes' if d['only_that_mapping'] else 'NO'}")
+    for writer, info in infos.items():
+        inc = info["incremental"]
+        print(f"[writer {writer}] {info['mappings']:,} mappings ({info['elements']:,} nftables elements) in one "
+              f"apply: {info['apply_s']:.2f} s, of which the kernel transaction {info['kernel_apply_s']:.2f} s; "
+              f"peak resident {info['hwm_kib'] / 1024:.0f} MB")
+        for path, what in (("daemon", "daemon (scoped admit_client)"), ("cli", "natctl map add (the CLI's path)")):
+            d = inc[path]
+            print(f"  one more mapping via {what}: {d['total_ms']:.2f} ms (kernel transaction "
+                  f"{d['kernel_apply_ms']:.2f} ms, reading the kernel {d['kernel_read_ms']:.0f} ms), "
+                  f"{d['elements_sent']} elements sent, only that mapping's: {'yes' if d['only_that_mapping'] else 'NO'}")
     return 0
 
 

@@ -38,6 +38,11 @@ class Allocator:
         self.client_ports: dict[Endpoint, set[int]] = defaultdict(set)
         # How many hosts use each client port number: a new host port must avoid all.
         self._client_use: dict[int, int] = defaultdict(int)
+        # Ports are only ever taken, never given back, during an allocator's life: the highest free host port
+        # and each host's lowest free client port only move one way, so a search resumes where the last stopped
+        # (a file of 2,000 lobbies of 50 costs what it allocates, not its square).
+        self._next_host = ports.high
+        self._next_client: dict[Endpoint, int] = {}
         self.host_ports.update(host_ports)
         self._is_host_port = is_host_port or self.host_ports.__contains__
         for host, port in client_ports:
@@ -47,9 +52,10 @@ class Allocator:
 
     def host_port(self) -> int:
         """Take the highest free host port."""
-        for port in range(self.ports.high, self.ports.low - 1, -1):
+        for port in range(self._next_host, self.ports.low - 1, -1):
             if port not in self.host_ports and port not in self.reserved and not self._client_use.get(port):
                 self.host_ports.add(port)
+                self._next_host = port - 1
                 return port
         raise Exhausted(
             f"no free host relay port in {self.ports} ({len(self.host_ports)} lobbies hold one)",
@@ -59,9 +65,10 @@ class Allocator:
     def client_port(self, host: Endpoint) -> int:
         """Take the lowest port free among this host's clients."""
         used = self.client_ports[host]
-        for port in range(self.ports.low, self.ports.high + 1):
+        for port in range(self._next_client.get(host, self.ports.low), self.ports.high + 1):
             if port not in used and port not in self.reserved and not self._is_host_port(port):
                 self.take_client(host, port)
+                self._next_client[host] = port + 1
                 return port
         raise Exhausted(
             f"no free client relay port in {self.ports} for host {host} ({len(used)} clients)",

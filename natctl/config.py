@@ -97,6 +97,8 @@ class Settings:
     noray: bool = False  # serve noray's protocol too (natctl.noray): TCP control port, pid datagrams on 8809
     noray_port: int = 8890
     noray_allow: tuple[str, ...] = ()  # networks allowed to use it; empty: everyone (as noray)
+    # How a sync's elements reach the kernel: one nfnetlink batch (natctl.kernel.nlbatch) or one libnftables script.
+    writer: str = "netlink"
     gm: GmSettings = field(default_factory=GmSettings)  # the [gm] table
     lan: LanSettings = field(default_factory=LanSettings)  # the [lan] table
 
@@ -158,6 +160,7 @@ PARSERS: dict[str, Any] = {
     "adopt": _switch("adopt"),
     "noray": _switch("noray"),
     "noray_port": lambda v: parse_port(v, "noray port"),
+    "writer": _choice(("netlink", "nft"), "writer"),
     "noray_allow": lambda v: tuple(parse_cidr(c.strip()) for c in (v.split(",") if isinstance(v, str) else v)
                                    if c.strip()),
 }

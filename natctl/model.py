@@ -172,10 +172,18 @@ def parse_endpoint(text: str) -> Endpoint:
 _NOT_UNICAST = tuple(ipaddress.IPv4Network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"))
 
 
+# The same networks as (network, netmask) integers, for a file of 100,000 addresses.
+_NOT_UNICAST_INT = tuple((int(n.network_address), int(n.netmask)) for n in _NOT_UNICAST)
+
+
 def check_unicast(ip: str, what: str, relay_ip: str | None = None) -> None:
     """Refuse an address a peer cannot have: loopback, 0.0.0.0/8, multicast, broadcast, or the relay itself."""
-    addr = ipaddress.IPv4Address(ip)
-    if any(addr in net for net in _NOT_UNICAST):
+    check_unicast_int(int(ipaddress.IPv4Address(ip)), ip, what, relay_ip)
+
+
+def check_unicast_int(addr: int, ip: str, what: str, relay_ip: str | None = None) -> None:
+    """``check_unicast`` of ``ip`` already read as the integer ``addr``."""
+    if any(addr & mask == net for net, mask in _NOT_UNICAST_INT):
         raise UsageError(f"{what} {ip} is not an address a player or a server can have",
                          "use the peer's public IPv4 address (not loopback, 0.0.0.0/8, multicast or broadcast)")
     if relay_ip and ip == relay_ip:
@@ -250,3 +258,65 @@ def parse_port_range(text: str) -> PortRange:
     if lo < 1024:
         raise UsageError(f"port range {text} includes privileged ports", "start the range at 1024 or above")
     return PortRange(lo, hi)
+
+
+# --- a file of mappings (natctl map add/remove --from FILE): one per line, read as it streams
+
+# One line: (line number, lobby, host ip, host port, client ip, client port, proto), addresses as integers.
+MappingLine = tuple[int, str, int, int, int, int, str]
+
+
+def ipv4_int(text: str) -> int:
+    """A dotted quad as an integer, accepting exactly what ``parse_ipv4`` accepts (else UsageError as it)."""
+    parts = text.split(".")
+    if len(parts) == 4:
+        value = 0
+        for part in parts:
+            if not (0 < len(part) <= 3 and part.isascii() and part.isdigit()) or (part[0] == "0" and len(part) > 1):
+                break
+            octet = int(part)
+            if octet > 255:
+                break
+            value = value << 8 | octet
+        else:
+            return value
+    return int(ipaddress.IPv4Address(parse_ipv4(text)))  # raises the one error for a bad address
+
+
+def int_ipv4(addr: int) -> str:
+    return f"{addr >> 24}.{addr >> 16 & 255}.{addr >> 8 & 255}.{addr & 255}"
+
+
+def _endpoint_ints(text: str) -> tuple[int, int]:
+    ip, sep, port = text.rpartition(":")
+    if not sep or not ip:
+        parse_endpoint(text)  # raises its error
+    return ipv4_int(ip), parse_port(port)
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_ADDR = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}:([0-9]{{1,5}})"
+# The common line, read by one match: a subset of what the parsers below accept, with the same result.
+_LINE = re.compile(rf"[ \t]*([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})[ \t]+{_ADDR}[ \t]+{_ADDR}(?:[ \t]+(udp|tcp))?[ \t]*\n?")
+
+
+def parse_mapping_line(text: str, number: int = 0) -> MappingLine | None:
+    """``LOBBY HOST_IP:PORT CLIENT_IP:PORT [udp|tcp]``; None for a blank line or a ``#`` comment."""
+    m = _LINE.fullmatch(text)
+    if m is not None:
+        g = m.groups()
+        host_port, client_port = int(g[5]), int(g[10])
+        if 0 < host_port < 65536 and 0 < client_port < 65536:
+            return (number, g[0], int(g[1]) << 24 | int(g[2]) << 16 | int(g[3]) << 8 | int(g[4]), host_port,
+                    int(g[6]) << 24 | int(g[7]) << 16 | int(g[8]) << 8 | int(g[9]), client_port, g[11] or "udp")
+    words = text.split("#", 1)[0].split()
+    if not words:
+        return None
+    if len(words) not in (3, 4):
+        raise UsageError(f"expected 'LOBBY HOST_IP:PORT CLIENT_IP:PORT [udp|tcp]', got {len(words)} fields",
+                         "write one mapping per line")
+    lobby = parse_name(words[0], "lobby name")
+    host_ip, host_port = _endpoint_ints(words[1])
+    client_ip, client_port = _endpoint_ints(words[2])
+    proto = parse_proto(words[3]) if len(words) == 4 else "udp"
+    return number, lobby, host_ip, host_port, client_ip, client_port, proto

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from natctl.admission import sender_networks
 from natctl.model import Endpoint, Host, Snapshot
@@ -178,14 +179,26 @@ def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool =
     An element whose value changed is deleted and added again; both happen in
     the same transaction, so no packet sees the key missing.
     """
-    want, have = set(desired), set(actual) if table_ok else set()
-    order = _order  # sorted for stable scripts and golden tests; a plain tuple key sorts fast
+    want = desired if isinstance(desired, (set, frozenset)) else set(desired)
+    have = (actual if isinstance(actual, (set, frozenset)) else set(actual)) if table_ok else set()
     return Changes(
-        add=tuple(sorted(want - have, key=order)),
-        delete=tuple(sorted(have - want, key=order)),
+        add=_sorted(want - have),
+        delete=_sorted(have - want),
         create_table=not table_ok,
     )
 
 
-def _order(e: Element) -> tuple:
-    return (e.set, e.key, e.value or ())
+_BY_KEY = attrgetter("key")
+
+
+def _sorted(elements: set[Element] | frozenset[Element]) -> tuple[Element, ...]:
+    """By map, then key: stable scripts and golden tests. A map holds a key once, so one side of a diff
+    lists it once: each map sorts apart by its keys (all alike), with a C-level getter, not a tuple built
+    per element (400,000 elements in a fraction of the time)."""
+    by_set: dict[str, list[Element]] = {}
+    for e in elements:
+        by_set.setdefault(e.set, []).append(e)
+    out: list[Element] = []
+    for name in sorted(by_set):
+        out += sorted(by_set[name], key=_BY_KEY)
+    return tuple(out)

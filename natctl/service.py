@@ -10,14 +10,14 @@ client admission (natctl.registrar), forwards (natctl.forwards) and cleanup
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from natctl import expiry
 from natctl.config import Settings
 from natctl.forwards import Forwards
 from natctl.kernel.backend import Kernel
-from natctl.lobbies import Lobbies
-from natctl.model import Client, Endpoint, Forward, Lobby
+from natctl.lobbies import Lobbies, Made
+from natctl.model import Client, Endpoint, Forward, Lobby, MappingLine
 from natctl.registrar import Admission, Registrar, Registration
 from natctl.store import Store
 from natctl.sync import Reconciler
@@ -90,6 +90,11 @@ class Service:
 
     def map_remove(self, lobby: str, client: Endpoint, proto: str = "udp", apply: bool = True) -> None:
         self._lobbies.map_remove(lobby, client, proto, apply)
+
+    def map_file(self, lines: Iterable[MappingLine | None], remove: bool = False, create_lobbies: bool = False,
+                 apply: bool = True) -> Made:
+        """A file of mappings (natctl map add/remove --from) in one store transaction and one kernel change."""
+        return self._lobbies.map_file(lines, remove, create_lobbies, apply)
 
     def mappings(self, counters: bool = False) -> list[MappingView]:
         return self._lobbies.mappings(counters)

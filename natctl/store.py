@@ -12,7 +12,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from natctl.errors import Busy, NatctlError, StoreError
@@ -94,6 +94,19 @@ def _client(r: sqlite3.Row) -> Client:
                   r["created"], r["last_seen"], host, bool(r["pending"]))
 
 
+# A snapshot's clients, read as plain tuples (no sqlite3.Row, no lookup by name): 100,000 rows in half the time.
+_CLIENT_COLUMNS = "id, lobby_id, proto, ip, port, relay_port, created, last_seen, host_ip, host_port, pending"
+
+
+def _clients(db: sqlite3.Connection, where: str, args: tuple | list) -> tuple[Client, ...]:
+    cur = db.cursor()
+    cur.row_factory = None
+    cur.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients {where} ORDER BY id", args)
+    return tuple(Client(cid, lobby, proto, Endpoint(ip, port), relay, created, seen,
+                        Endpoint(host_ip, host_port) if host_ip is not None else None, bool(pending))
+                 for cid, lobby, proto, ip, port, relay, created, seen, host_ip, host_port, pending in cur)
+
+
 def _forward(r: sqlite3.Row) -> Forward:
     return Forward(r["port"], Endpoint(r["ip"], r["target_port"]), r["proto"], r["ttl"], r["created"],
                    bool(r["masquerade"]), r["owner"])
@@ -165,7 +178,7 @@ class Store:
             relay_ip=relay_ip,
             lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE closed IS NULL ORDER BY id")),
             hosts=tuple(_host(r) for r in q("SELECT * FROM hosts ORDER BY lobby_id")),
-            clients=tuple(_client(r) for r in q("SELECT * FROM clients ORDER BY id")),
+            clients=_clients(self.db, "", ()),
             forwards=tuple(_forward(r) for r in q("SELECT * FROM forwards ORDER BY port")),
         )
 
@@ -181,7 +194,7 @@ class Store:
             relay_ip=relay_ip,
             lobbies=tuple(_lobby(r) for r in q("SELECT * FROM lobbies WHERE id=? AND closed IS NULL", (lobby_id,))),
             hosts=tuple(_host(r) for r in q("SELECT * FROM hosts WHERE lobby_id=?", (lobby_id,))),
-            clients=tuple(_client(r) for r in q(f"SELECT * FROM clients WHERE {where} ORDER BY id", args)),
+            clients=_clients(self.db, f"WHERE {where}", args),
         )
 
     def generation(self) -> int | None:
@@ -239,6 +252,25 @@ class Store:
 
     def is_host_port(self, port: int) -> bool:
         return self.db.execute("SELECT 1 FROM hosts WHERE relay_port=?", (port,)).fetchone() is not None
+
+    def snapshot_lobbies(self, relay_ip: str, names: Iterable[str]) -> Snapshot:
+        """``snapshot_lobby`` of many open lobbies at once, by name (a bulk change's scope): three queries."""
+        q, arg = self.db.execute, (json.dumps(list(names)),)
+        lobbies = tuple(_lobby(r) for r in q(
+            "SELECT * FROM lobbies WHERE closed IS NULL AND name IN (SELECT value FROM json_each(?)) ORDER BY id", arg))
+        ids = (json.dumps([lb.id for lb in lobbies]),)
+        return Snapshot(
+            relay_ip=relay_ip,
+            lobbies=lobbies,
+            hosts=tuple(_host(r) for r in q(
+                "SELECT * FROM hosts WHERE lobby_id IN (SELECT value FROM json_each(?)) ORDER BY lobby_id", ids)),
+            clients=_clients(self.db, "WHERE lobby_id IN (SELECT value FROM json_each(?))", ids),
+        )
+
+    def client_keys(self, lobby_ids: Iterable[int]) -> Iterator[tuple[int, int, str, str, int, int]]:
+        """(id, lobby id, proto, ip, port, relay port) of every client of these lobbies, as a bulk change checks them."""
+        return self.db.execute("SELECT id, lobby_id, proto, ip, port, relay_port FROM clients "
+                               "WHERE lobby_id IN (SELECT value FROM json_each(?))", (json.dumps(list(lobby_ids)),))
 
     def lobby_by_id(self, lobby_id: int) -> Lobby | None:
         r = self.db.execute("SELECT * FROM lobbies WHERE id=?", (lobby_id,)).fetchone()
@@ -307,6 +339,14 @@ class Store:
             (c.lobby_id, c.proto, c.addr.ip, c.addr.port, c.relay_port, c.created, c.last_seen,
              c.host.ip if c.host else None, c.host.port if c.host else None, int(c.pending)))
         return self.client_by_id(cur.lastrowid or 0)  # type: ignore[return-value]
+
+    def add_clients(self, rows: Iterable[tuple[int, str, str, int, int, float]]) -> None:
+        """Insert settled clients in bulk: (lobby id, proto, ip, port, relay port, created) each, streamed."""
+        self.db.executemany("INSERT INTO clients (lobby_id, proto, ip, port, relay_port, created, last_seen) "
+                            "VALUES (?1,?2,?3,?4,?5,?6,?6)", rows)
+
+    def remove_clients(self, ids: Iterable[int]) -> None:
+        self.db.executemany("DELETE FROM clients WHERE id=?", ((i,) for i in ids))
 
     def client_by_id(self, client_id: int) -> Client | None:
         r = self.db.execute("SELECT * FROM clients WHERE id=?", (client_id,)).fetchone()

@@ -112,7 +112,7 @@ def select(settings: Settings, mode: str | None = None) -> Kernel:
     """
     from natctl.kernel.links import default_route
 
-    nft = NftKernel()
+    nft = NftKernel(settings.writer)
     try:
         interface = settings.interface or default_route()[0]
     except NatctlError as err:

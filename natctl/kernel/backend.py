@@ -55,10 +55,12 @@ class NftKernel:
     owns = NFT_SETS
     delivery_mark = DELIVERY_MARK
 
-    def __init__(self) -> None:
+    def __init__(self, writer: str | None = None) -> None:
+        """``writer``: how element changes go to the kernel, "netlink" or "nft" (default: NATCTL_WRITER, else
+        netlink; see natctl.kernel.nft.WRITERS)."""
         from natctl.kernel.nft import Nft
 
-        self.nft = Nft()
+        self.nft = Nft(writer)
 
     def read(self, sets: Iterable[str] | None = None) -> Installed:
         return self.nft.read(sets)

@@ -14,6 +14,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from natctl.kernel.nlbatch import attr as _attr  # netlink attributes, packed once for both nfnetlink users
 from natctl.plan import Flow
 
 PROTO_NUM = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
@@ -22,11 +23,6 @@ PROTO_NUM = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 NETLINK_NETFILTER = 12
 CT_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
 NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR, NLA_F_NESTED = 1, 4, 2, 0x8000
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    body = struct.pack("=HH", 4 + len(data), kind) + data
-    return body + b"\0" * (-len(body) % 4)
 
 
 def _delete_message(seq: int, saddr: str, daddr: str, proto: int, sport: int, dport: int) -> bytes:

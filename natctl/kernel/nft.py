@@ -1,8 +1,11 @@
 """nftables backend: table inet natctl, rendered as text, applied in one transaction.
 
-Writes go through libnftables (the python3-nftables binding) as one script, so
-the kernel takes all of a sync or none of it. Reads use the JSON listing.
-natctl owns ``table inet natctl`` alone and touches no other table.
+The skeleton (table, sets, chains) goes through libnftables (the python3-nftables
+binding) as one script. A sync's elements go as one nfnetlink batch
+(natctl.kernel.nlbatch, the ``netlink`` writer) or, with ``writer = "nft"``, as
+one libnftables script; either way the kernel takes all of a sync or none of it.
+Reads use the JSON listing. natctl owns ``table inet natctl`` alone and touches
+no other table.
 """
 
 from __future__ import annotations
@@ -275,10 +278,22 @@ def parse_listing(doc: dict) -> Installed:
     return out
 
 
-class Nft:
-    """Thin executor over libnftables. One instance per process is enough."""
+WRITERS = ("netlink", "nft")  # how a sync's elements are written: one nfnetlink batch, or one libnftables script
 
-    def __init__(self) -> None:
+
+def writer_from_env(writer: str | None = None) -> str:
+    """The element writer: ``writer``, else NATCTL_WRITER, else netlink."""
+    chosen = writer or os.environ.get("NATCTL_WRITER") or WRITERS[0]
+    if chosen not in WRITERS:
+        raise KernelError(f"invalid writer {chosen!r}", "use netlink or nft")
+    return chosen
+
+
+class Nft:
+    """Thin executor over libnftables (and the netlink element writer). One instance per process is enough."""
+
+    def __init__(self, writer: str | None = None) -> None:
+        self.writer = writer_from_env(writer)
         try:
             import nftables
         except ImportError:
@@ -327,8 +342,32 @@ class Nft:
         return parse_listing(json.loads(out))
 
     def apply(self, changes: Changes) -> None:
-        if changes:
+        if not changes:
+            return
+        if self.writer == "nft":
             self.run(render(changes))
+            return
+        from natctl.kernel import nlbatch
+
+        if changes.create_table:
+            if self.table_present():  # another layout's table: replace it in one script, as nft would
+                self.run(render(changes))
+                return
+            self.run(render(Changes(create_table=True)))  # the skeleton, then its elements
+            try:
+                nlbatch.send(changes, TABLE)
+            except BaseException:
+                self._nft.cmd(f"delete table inet {TABLE}")  # it did not exist before: the kernel is as it was
+                raise
+            return
+        nlbatch.send(changes, TABLE)
+
+    def table_present(self) -> bool:
+        """Whether table inet natctl exists (without listing its elements)."""
+        rc, out, _ = self._nft.cmd("list tables")
+        return rc == 0 and any(item.get("table", {}).get("name") == TABLE
+                               and item["table"].get("family") == "inet"
+                               for item in json.loads(out).get("nftables", []))
 
     def generation(self) -> int | None:
         """The tag of the last change applied (see Changes.generation); None without one."""

@@ -20,6 +20,13 @@ pytestmark = pytest.mark.kernel
 lab = pytest.fixture(scope="module", name="lab")(labs.cone_lab)
 
 
+@pytest.fixture(autouse=True, params=["netlink", "nft"])
+def writer(request, monkeypatch) -> str:
+    """Every test on both element writers (natctl.kernel.nlbatch, libnftables): the CLI reads NATCTL_WRITER."""
+    monkeypatch.setenv("NATCTL_WRITER", request.param)
+    return request.param
+
+
 def test_udp_both_ways_payload_and_addresses(lab, relay, socks):
     udp_both_ways(lab, relay, socks)
 
