@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from natctl.kernel.nft import TYPES, parse_listing
 from natctl.lab.netns import run
 
 pytestmark = pytest.mark.kernel
@@ -29,19 +30,14 @@ def mapping_file(path) -> set[tuple[str, str, str]]:
     return out
 
 
-def kernel_maps(lab) -> dict[str, list]:
-    """The elements of each map and set of table inet natctl, as nft lists them."""
+def kernel_maps(lab) -> dict[str, list[tuple]]:
+    """The keys of each map and set of table inet natctl, read back with natctl's own parser (which reads
+    protocols whether nft prints them by name or, on a machine without /etc/protocols, by number)."""
     listing = json.loads(run(["nft", "-j", "list", "table", "inet", "natctl"], ns=lab.relay_ns).stdout)
-    return {obj[kind]["name"]: obj[kind].get("elem", []) for obj in listing["nftables"]
-            for kind in ("map", "set") if kind in obj}
-
-
-def concat(elem) -> list:
-    """The key of one listed map element, with or without its counter."""
-    key = elem[0] if isinstance(elem, list) else elem
-    if isinstance(key, dict) and "elem" in key:
-        key = key["elem"]["val"]
-    return key["concat"]
+    out: dict[str, list[tuple]] = {name: [] for name in TYPES}
+    for e in parse_listing(listing).elements:
+        out.setdefault(e.set, []).append(e.key)
+    return out
 
 
 def test_ten_thousand_mappings_from_a_file_in_one_command(lab, relay, tmp_path):
@@ -59,7 +55,7 @@ def test_ten_thousand_mappings_from_a_file_in_one_command(lab, relay, tmp_path):
     # the kernel holds exactly the ports the store gave: each client's own reply path
     # each client's reply path: host . proto . host port . client relay port, as the store gave it
     replies = {(m["host"].split(":")[0], "udp", int(m["host"].split(":")[1]), m["client_port"]) for m in rows}
-    assert replies <= {tuple(concat(e)) for e in maps["dnat4"]}
+    assert replies <= set(maps["dnat4"])
 
     out = relay("map", "remove", "--from", str(path))
     assert f"removed {len(want)} mappings" in out.stdout
