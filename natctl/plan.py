@@ -34,9 +34,13 @@ XDP = "xdp4"  # saddr . sport . dport : new saddr . new sport . new daddr . new 
 NFT_SETS = frozenset({DNAT, SNAT, FWD, FWDACCT, MASQ, HOSTPORTS, ALLOW})
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@dataclass(order=True, slots=True, unsafe_hash=True)
 class Element:
-    """One entry of an nftables map or set (value is None for a set)."""
+    """One entry of an nftables map or set (value is None for a set).
+
+    Hashed and compared by set, key and value (never the comment); never changed after it is made.
+    Not ``frozen``: a frozen dataclass's constructor costs three times as much, and a full apply of
+    100,000 mappings makes 400,000 of these."""
 
     set: str
     key: tuple
