@@ -216,9 +216,9 @@ def test_the_line_parser_reads_what_the_single_parsers_read():
         check_unicast("224.0.0.1", "client")
 
 
-@pytest.mark.parametrize("line", ["a 1.2.3.4:5 6.7.8.9:10", "a-b.c_d\t10.0.0.1:00080  192.168.255.255:65535 tcp",
-                                  "x 0.0.0.0:1 255.255.255.255:2 udp\n", "a 1.2.3.4:0 6.7.8.9:10",
-                                  "a 1.2.3.4:5 6.7.8.9:65536", "a 1.2.3.4:5 6.7.8.09:1"])
+@pytest.mark.parametrize("line", ["a 198.18.1.4:5 198.18.6.9:10", "a-b.c_d\t198.18.0.1:00080  198.19.255.255:65535 tcp",
+                                  "x 0.0.0.0:1 255.255.255.255:2 udp\n", "a 198.18.1.4:0 198.18.6.9:10",
+                                  "a 198.18.1.4:5 198.18.6.9:65536", "a 198.18.1.4:5 198.18.6.09:1"])
 def test_the_one_match_fast_path_reads_as_the_parsers_do(line):
     """A line the fast path reads gives what the word-by-word parsers give (forced by a trailing comment)."""
     def read(text):

@@ -108,7 +108,7 @@ CASES = [  # (CLI arguments, the same request)
                                                                           "max_clients": "99999999999999999999"}),
     (["lobby", "create", "a", "--max-clients", "0"], {"op": "lobby.create", "name": "a", "max_clients": 0}),
     (["lobby", "create", "a", "--ttl", "12x"], {"op": "lobby.create", "name": "a", "ttl": "12x"}),
-    (["lobby", "create", "a", "--allow", "10.0.0.0/33"], {"op": "lobby.create", "name": "a", "allow": ["10.0.0.0/33"]}),
+    (["lobby", "create", "a", "--allow", "198.18.0.0/33"], {"op": "lobby.create", "name": "a", "allow": ["198.18.0.0/33"]}),
     (["lobby", "create", "bad name!"], {"op": "lobby.create", "name": "bad name!"}),
     (["lobby", "create", "taken"], {"op": "lobby.create", "name": "taken"}),
     (["lobby", "close", "nope"], {"op": "lobby.close", "name": "nope"}),

@@ -81,10 +81,10 @@ def test_the_default_route_is_read_without_rtnetlink():
     listing = (
         "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
         "eth1\t00000000\t010012C6\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
-        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 192.168.0.0/24: not a default
+        "eth0\t000112C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 198.18.1.0/24: not a default
         "*\t00000000\t00000000\t0201\t0\t0\t0\t00000000\t0\t0\t0\n"  # unreachable default: no interface
-        "eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
-        "eth2\t00000000\t0100A8C0\t0002\t0\t0\t50\t00000000\t0\t0\t0\n"  # not up
+        "eth0\t00000000\t010112C6\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        "eth2\t00000000\t010112C6\t0002\t0\t0\t50\t00000000\t0\t0\t0\n"  # not up
     )
     assert default_routes(listing) == ["eth0", "eth1"]  # lowest metric first, as the kernel picks
     assert default_routes(listing.splitlines()[0]) == []
