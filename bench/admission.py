@@ -13,7 +13,6 @@ on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 
 from bench import daemon
@@ -36,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="natctl-admission-") as tmp, benchlab.session() as lab:
         result = daemon.admission(lab, Context(tmp), args.clients, flood=args.flood, cleanup=args.cleanup_interval)
     result["target_p99_under_10ms"] = result["p99_ms"] is not None and result["p99_ms"] < 10
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+    return benchlab.report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -233,3 +233,12 @@ def standalone(main: Callable[[], int], prog: str) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def report(result: dict, path: str | None) -> int:
+    """A standalone measurement's end: its JSON on stdout, and in ``path`` when given (--json FILE)."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0

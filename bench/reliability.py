@@ -496,11 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="natctl-reliability-") as tmp, benchlab.session() as lab:
         result = measure(lab, Context(tmp), args)
     result["command"] = "sudo .venv/bin/python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+    return benchlab.report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,13 @@ class Store:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
+    def add_tables(self, schema: str) -> None:
+        """A feature's own tables beside the relay's, in the same file and transactions (GMs, LANs)."""
+        try:
+            self.db.executescript(schema)
+        except sqlite3.OperationalError as err:
+            raise self._busy(err) from None
+
     def _busy(self, err: sqlite3.Error) -> NatctlError:
         text = str(err)
         if "locked" in text or "busy" in text:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -52,3 +54,22 @@ def say(text: str) -> None:
 
 def warn(text: str) -> None:
     typer.echo(f"natctl: warning: {text}", err=True)
+
+
+def deliver_config(out: str | None) -> Callable[[str], None]:
+    """Hand a VPN config (GM or LAN member) over: stdout, or a 0600 file written atomically (it holds a
+    private key)."""
+    def deliver(config: str) -> None:
+        if out is None:
+            sys.stdout.write(config)
+            sys.stdout.flush()
+            return
+        from natctl.errors import UsageError
+        from natctl.gm.render import write_atomic
+
+        try:
+            write_atomic(out, config, 0o600)
+        except OSError as err:
+            raise UsageError(f"cannot write {out}: {err.strerror}", "pass a writable --out path") from None
+
+    return deliver

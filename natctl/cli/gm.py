@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, say, service
+from natctl.cli.common import JsonOpt, deliver_config, say, service
 from natctl.model import FORWARD_PROTOS, format_duration, parse_duration, parse_name, parse_port, parse_proto
 from natctl.output import emit_json, table, when
 
@@ -52,25 +50,6 @@ def gms(ctx: typer.Context) -> GmService:
     return GmService(service(ctx).rec)
 
 
-def _deliver(out: str | None) -> Callable[[str], None]:
-    """Hand the config over: stdout, or a 0600 file written atomically."""
-    def deliver(config: str) -> None:
-        if out is None:
-            sys.stdout.write(config)
-            sys.stdout.flush()
-            return
-        from natctl.gm.render import write_atomic
-
-        try:
-            write_atomic(out, config, 0o600)  # it holds the GM's private key
-        except OSError as err:
-            from natctl.errors import UsageError
-
-            raise UsageError(f"cannot write {out}: {err.strerror}", "pass a writable --out path") from None
-
-    return deliver
-
-
 @app.command("add")
 def add(
     ctx: typer.Context,
@@ -82,7 +61,7 @@ def add(
 ) -> None:
     """Add a GM: a fixed VPN address, a public port and a VPN peer; prints the GM's client config."""
     view, config = gms(ctx).add(parse_name(name, "GM name"), parse_port(port) if port else None,
-                                deliver=None if as_json and out is None else _deliver(out))
+                                deliver=None if as_json and out is None else deliver_config(out))
     if as_json:  # the config (it holds the GM's private key) is in the JSON unless it went to --out
         from dataclasses import asdict
 

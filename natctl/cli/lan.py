@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from natctl.cli.common import JsonOpt, say, service
+from natctl.cli.common import JsonOpt, deliver_config, say, service
 from natctl.model import format_duration, parse_duration, parse_name
 from natctl.output import emit_json, human_bytes, table, when
 
@@ -50,29 +49,10 @@ def options(
 
 
 def lans(ctx: typer.Context) -> LanService:
-    from natctl.lan import model
+    """The LANs over this command's Reconciler; its settings hold the [lan] table and this group's options."""
     from natctl.lan.service import LanService
 
-    tables = ctx.find_root().obj.get("tables", {})
-    return LanService(service(ctx).rec, model.load(tables.get("lan")))
-
-
-def _deliver(out: str | None) -> Callable[[str], None]:
-    """Hand a config over: stdout, or a 0600 file written atomically (it holds a private key)."""
-    def deliver(config: str) -> None:
-        if out is None:
-            sys.stdout.write(config)
-            sys.stdout.flush()
-            return
-        from natctl.errors import UsageError
-        from natctl.gm.render import write_atomic
-
-        try:
-            write_atomic(out, config, 0o600)
-        except OSError as err:
-            raise UsageError(f"cannot write {out}: {err.strerror}", "pass a writable --out path") from None
-
-    return deliver
+    return LanService(service(ctx).rec)
 
 
 def _machine(netns: str | None) -> Machine:
@@ -155,7 +135,8 @@ def add(
     """Add a member by hand; prints (or writes) its WireGuard config, private key included."""
     from natctl.lan.service import parse_member_name
 
-    view, config = lans(ctx).add(name, parse_member_name(member), deliver=None if as_json and out is None else _deliver(out))
+    deliver = None if as_json and out is None else deliver_config(out)
+    view, config = lans(ctx).add(name, parse_member_name(member), deliver=deliver)
     if as_json:
         from dataclasses import asdict
 
@@ -218,7 +199,7 @@ def join(
         mb.check_instance_name(tunnel)
     cfg = mb.join(relay, token, who, machine_ns)
     if out is not None:
-        _deliver(out)(mb.config_text(cfg))
+        deliver_config(out)(mb.config_text(cfg))
         if as_json:
             emit_json({"member": who, "address": cfg.address, "subnet": cfg.subnet, "mtu": cfg.mtu,
                        "config_file": out})

@@ -29,10 +29,7 @@ class GmStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = store.db
-        try:
-            self.db.executescript(SCHEMA)
-        except sqlite3.OperationalError as err:
-            raise store._busy(err) from None
+        store.add_tables(SCHEMA)
 
     def all(self) -> list[Gm]:
         return [_gm(r) for r in self.db.execute("SELECT * FROM gms ORDER BY port")]

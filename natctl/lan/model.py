@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from natctl import config
 from natctl.config import LanSettings
@@ -17,12 +16,6 @@ LIMITED_BROADCAST = "255.255.255.255"
 MULTICAST = "224.0.0.0/4"
 
 
-
-
-def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-         path: str | None = None) -> LanSettings:
-    """The [lan] table (natctl.config's one loader): the file, then NATCTL_LAN_* variables, then ``overrides``."""
-    return config.load(path=path, environ=environ, tables={"lan": overrides or {}}).lan
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,7 @@ class LanStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = store.db
-        try:
-            self.db.executescript(SCHEMA)
-        except sqlite3.OperationalError as err:
-            raise store._busy(err) from None
+        store.add_tables(SCHEMA)
 
     def lans(self) -> list[Lan]:
         return [_lan(r) for r in self.db.execute("SELECT * FROM lans ORDER BY id")]

@@ -50,3 +50,13 @@ def socks(lab: topology.Lab) -> Iterator[dict]:
     yield out
     for s in out.values():
         s.close()
+
+
+@pytest.fixture
+def game(lab: topology.Lab) -> Iterator[dict]:
+    """Game sockets: the hosts on 27015, the players on their own ports (none has talked to the relay yet)."""
+    socks = {name: udp_socket(lab.ns(name), port=HOST_PORT if name.startswith("host") else 41000 + i)
+             for i, name in enumerate(lab.members)}
+    yield socks
+    for s in socks.values():
+        s.close()

@@ -15,11 +15,10 @@ from natctl.daemon.client import register
 from natctl.errors import NatctlError
 from natctl.lab.gamehost import GameHost
 from natctl.lab.netns import natctl_argv, run
-from natctl.lab.traffic import collect, drain, udp_socket
-from support.serve import Daemon
+from natctl.lab.traffic import collect, drain
+from support.serve import REG, Daemon, host_lobby
 
 pytestmark = pytest.mark.kernel
-REG = 8809
 
 
 @pytest.fixture
@@ -31,37 +30,12 @@ def daemon(lab, relay, tmp_path):
         d.kill()
 
 
-@pytest.fixture
-def game(lab):
-    """Game sockets: the hosts on 27015, the players on their own ports."""
-    socks = {name: udp_socket(lab.ns(name), port=27015 if name.startswith("host") else 41000 + i)
-             for i, name in enumerate(lab.members)}
-    yield socks
-    for s in socks.values():
-        s.close()
-
-
 def lobby(relay, name: str, *args: str) -> str:
     return relay.json("lobby", "create", name, *args)["token"]
 
 
-def hosted(lab, relay, daemon, game, *create_args: str) -> tuple[str, int, str]:
-    """Create lobby g, start the daemon, register the host from its game socket.
-
-    Returns (relay_ip, host_port, token) once the daemon listens on the host port.
-    """
-    token = lobby(relay, "g", *create_args)
-    daemon.start()
-    # The host's router is stock masquerade: the host runs the reference client's loop (registration v2),
-    # which opens its NAT toward each new client. From here on that loop owns the game socket.
-    game["host"] = GameHost(game["host"], (lab.relay_ip, REG), token)
-    relay_ip, host_port = game["host"].start()
-    time.sleep(0.3)  # the daemon opens its listener on the new host port
-    return relay_ip, host_port, token
-
-
 def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon, game):
-    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
+    relay_ip, host_port, token = host_lobby(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
     assert relay_ip == lab.relay_ip
     # Registration is idempotent: a keepalive changes nothing (and is not logged again).
     game["host"].session._next_keepalive = 0
@@ -101,7 +75,7 @@ def test_register_then_clients_admitted_on_their_first_packet(lab, relay, daemon
 
 
 def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, game):
-    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
+    relay_ip, host_port, token = host_lobby(lab, relay, daemon, game, "--allow", "198.18.2.0/24")
     # A sender from a network the lobby does not allow is never forwarded and never reaches the
     # daemon: the kernel knows the lobby's networks (allow4) and drops it, counted.
     for i in range(2000):  # bounded: 2000 datagrams
@@ -142,7 +116,7 @@ def test_strangers_wrong_tokens_and_garbage_change_nothing(lab, relay, daemon, g
 
 
 def test_idle_mappings_expire_and_busy_ones_stay(lab, relay, daemon, game):
-    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
+    relay_ip, host_port, token = host_lobby(lab, relay, daemon, game, "--open")
     for name in ("client1", "client2"):
         game[name].sendto(b"hello", (relay_ip, host_port))
     assert len(collect(game["host"], 2)) == 2
@@ -173,7 +147,7 @@ def test_cleanup_from_the_command_line_expires_idle_mappings(lab, relay, game):
 
 
 def test_kill_9_keeps_traffic_flowing_and_restart_loses_nothing(lab, relay, daemon, game):
-    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
+    relay_ip, host_port, token = host_lobby(lab, relay, daemon, game, "--open")
     game["client1"].sendto(b"first", (relay_ip, host_port))
     assert len(collect(game["host"], 1)) == 1
 
@@ -199,7 +173,7 @@ def test_kill_9_keeps_traffic_flowing_and_restart_loses_nothing(lab, relay, daem
 
 
 def test_a_second_daemon_refuses_to_start_and_sigterm_keeps_mappings(lab, relay, daemon, game):
-    relay_ip, host_port, token = hosted(lab, relay, daemon, game, "--open")
+    relay_ip, host_port, token = host_lobby(lab, relay, daemon, game, "--open")
     game["client1"].sendto(b"in", (relay_ip, host_port))
     assert len(collect(game["host"], 1)) == 1
     second = subprocess.run(natctl_argv(relay.state, "serve", ns=lab.relay_ns), capture_output=True, text=True, timeout=20,

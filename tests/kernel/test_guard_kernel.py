@@ -8,14 +8,12 @@ import time
 
 import pytest
 
-from natctl.lab.gamehost import GameHost
 from natctl.lab.netns import run
-from natctl.lab.traffic import collect, drain, udp_socket
+from natctl.lab.traffic import collect, drain
 from support.cli import Cli
-from support.serve import Daemon
+from support.serve import REG, Daemon, host_lobby
 
 pytestmark = pytest.mark.kernel
-REG = 8809
 CLIENTS_NET = "198.18.2.0/24"  # the home router of client1 and client2; the stranger is elsewhere
 
 
@@ -28,23 +26,9 @@ def daemon(lab, relay, tmp_path):
         d.kill()
 
 
-@pytest.fixture
-def game(lab):
-    socks = {name: udp_socket(lab.ns(name), port=27015 if name.startswith("host") else 42000 + i)
-             for i, name in enumerate(lab.members)}
-    yield socks
-    for s in socks.values():
-        s.close()
-
-
 def hosted(lab, relay, daemon, game) -> int:
     """Lobby g (allowing the clients' network) with its host registered through the daemon; its host port."""
-    token = relay.json("lobby", "create", "g", "--allow", CLIENTS_NET)["token"]
-    daemon.start()
-    game["host"] = GameHost(game["host"], (lab.relay_ip, REG), token)
-    _, host_port = game["host"].start()
-    time.sleep(0.3)  # the daemon opens its listener on the new host port
-    return host_port
+    return host_lobby(lab, relay, daemon, game, "--allow", CLIENTS_NET)[1]
 
 
 def flows(lab, game, host_port: int, tag: bytes, count: int = 5) -> bool:
@@ -79,7 +63,7 @@ def test_second_store_refused_adopt_takes_over(lab, relay, daemon, game, tmp_pat
     assert before
     other = Cli(lab.relay_ns, str(tmp_path / "other.db"))
     # The tired operator's commands on the wrong store: refused, one line each, nothing changed.
-    for args in (["apply"], ["cleanup"], ["lobby", "create", "x", "--open"], ["serve"]):
+    for args in (["apply"], ["cleanup"], ["lobby", "create", "x", "--open"], ["serve"], ["uninstall"]):
         refused_in_one_line(other(*args, check=False), other.state, relay.state)
     assert mappings(lab) == before and flows(lab, game, host_port, b"during ")
     assert other.json("lobby", "list") == [] and daemon.proc.poll() is None

@@ -8,7 +8,10 @@ import signal
 import subprocess
 import time
 
+from natctl.lab.gamehost import GameHost
 from natctl.lab.netns import natctl_argv, spawn, stop
+
+REG = 8809  # the registration port
 
 
 class Daemon:
@@ -50,3 +53,15 @@ class Daemon:
             stop(self.proc)
             return self.proc.returncode
         return None
+
+
+def host_lobby(lab, relay, daemon: Daemon, game: dict, *create_args: str) -> tuple[str, int, str]:
+    """Create lobby g, start the daemon, register the host from its game socket with the reference
+    client (registration v2: it opens its stock router toward each new client); the host's loop owns
+    ``game["host"]`` from here on. Returns (relay_ip, host_port, token) once the host port listens."""
+    token = relay.json("lobby", "create", "g", *create_args)["token"]
+    daemon.start()
+    game["host"] = GameHost(game["host"], (lab.relay_ip, REG), token)
+    relay_ip, host_port = game["host"].start()
+    time.sleep(0.3)  # the daemon opens its listener on the new host port
+    return relay_ip, host_port, token

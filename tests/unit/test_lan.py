@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from natctl import config
 from natctl.config import Settings
 from natctl.daemon.wire import WireError
 from natctl.daemon.wire import decode_request as decode_lobby_request
@@ -29,6 +30,11 @@ POOL = LanSettings(pool="198.18.128.0/20", prefix=24)
 KEY = base64.b64encode(bytes(range(32))).decode()
 
 
+
+def lan_settings(options: dict, environ: dict, path: str) -> LanSettings:
+    """The [lan] table through natctl.config's one loader: file, NATCTL_LAN_* variables, options."""
+    return config.load(path=path, environ=environ, tables={"lan": options}).lan
+
 def key(n: int) -> str:
     return base64.b64encode(bytes([n]) * 32).decode()
 
@@ -39,13 +45,13 @@ def key(n: int) -> str:
 def test_settings_from_environment_and_options(tmp_path):
     path = tmp_path / "natctl.toml"
     path.write_text('[lan]\npool = "198.18.64.0/18"\ninterface = "fromfile"\n')
-    s = model.load({"interface": "fromopt"}, {"NATCTL_LAN_LISTEN_PORT": "51999", "NATCTL_LAN_TTL": "2h"}, str(path))
+    s = lan_settings({"interface": "fromopt"}, {"NATCTL_LAN_LISTEN_PORT": "51999", "NATCTL_LAN_TTL": "2h"}, str(path))
     assert (s.pool, s.interface, s.listen_port, s.ttl) == ("198.18.64.0/18", "fromopt", 51999, 7200)
-    assert model.load({}, {}, "/nonexistent").pool == model.DEFAULT_POOL == "10.198.0.0/16"
+    assert lan_settings({}, {}, "/nonexistent").pool == model.DEFAULT_POOL == "10.198.0.0/16"
     with pytest.raises(UsageError, match="unknown LAN setting"):
-        model.load({"colour": "blue"}, {}, "/nonexistent")
+        lan_settings({"colour": "blue"}, {}, "/nonexistent")
     with pytest.raises(UsageError, match="LAN MTU"):
-        model.load({"mtu": "9000"}, {}, "/nonexistent")
+        lan_settings({"mtu": "9000"}, {}, "/nonexistent")
 
 
 def test_subnets_come_from_the_pool_and_never_overlap():
