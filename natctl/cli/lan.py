@@ -164,16 +164,6 @@ def down(ctx: typer.Context) -> None:
     say("LAN interface removed" if lans(ctx).down() else "LAN interface was not up")
 
 
-@app.command("cleanup")
-def cleanup(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Close LANs past their TTL and remove members idle past the timeout, once (the daemon does it too)."""
-    gone = lans(ctx).cleanup()
-    if as_json:
-        emit_json(gone)
-    else:
-        say(f"closed {len(gone['lans'])} expired LANs, removed {len(gone['members'])} idle members")
-
-
 # --- a member's side
 
 
