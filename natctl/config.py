@@ -78,8 +78,20 @@ class LanSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """The ``[fleet]`` table: how relays sharing one PostgreSQL store watch each other (natctl.fleet)."""
+
+    heartbeat: float = 2.0  # seconds between a relay daemon's heartbeats (and its safety-net checks)
+    dead_after: float = 10.0  # seconds without a heartbeat before a relay is dead and its lobbies move
+    failover: str = "region"  # where a dead relay's lobbies go: a live relay of its region, or "any" relay
+    reconcile: float = 60.0  # seconds between full reconciles, the safety net under LISTEN/NOTIFY
+
+
+@dataclass(frozen=True)
 class Settings:
     state: str = "/var/lib/natctl/natctl.db"
+    # The store: empty for the SQLite file at ``state``; a postgresql:// URL makes this relay a fleet member.
+    store: str = ""
     relay_ip: str = ""  # empty: the address of the default route's interface
     ports: PortRange = PortRange(20000, 29999)
     registration_port: int = 8809
@@ -101,6 +113,12 @@ class Settings:
     writer: str = "netlink"
     gm: GmSettings = field(default_factory=GmSettings)  # the [gm] table
     lan: LanSettings = field(default_factory=LanSettings)  # the [lan] table
+    fleet: FleetSettings = field(default_factory=FleetSettings)  # the [fleet] table
+
+    @property
+    def store_location(self) -> str:
+        """Where the store is: the PostgreSQL URL of a fleet, or the SQLite file."""
+        return self.store or self.state
 
 
 def _choice(allowed: tuple[str, ...], what: str) -> Any:
@@ -146,6 +164,7 @@ def _subnet(text: str) -> str:
 # How each setting is parsed from text (config file values may already be typed).
 PARSERS: dict[str, Any] = {
     "state": str,
+    "store": lambda v: _store_url(str(v)),
     "relay_ip": lambda v: parse_ipv4(v) if v else "",
     "ports": _ports,
     "registration_port": lambda v: parse_port(v, "registration port"),
@@ -209,8 +228,36 @@ LAN_PARSERS: dict[str, Any] = {
     "ttl": lambda v: v if isinstance(v, int) else parse_duration(str(v)),
 }
 
+def _seconds(what: str) -> Any:
+    def parse(v: Any) -> float:
+        try:
+            n = float(str(v))
+        except ValueError:
+            n = -1.0
+        if not 0.1 <= n <= 86400:
+            raise UsageError(f"invalid {what} {v!r}", "use seconds from 0.1 to 86400")
+        return n
+    return parse
+
+
+FLEET_PARSERS: dict[str, Any] = {
+    "heartbeat": _seconds("heartbeat"),
+    "dead_after": _seconds("dead_after"),
+    "failover": _choice(("region", "any"), "failover"),
+    "reconcile": _seconds("reconcile interval"),
+}
+
+
+def _store_url(text: str) -> str:
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise UsageError(f"invalid store {text.split('@')[-1]!r}",
+                         "use a postgresql://USER@HOST/DB URL (or leave it empty for the SQLite file at state)")
+    return text
+
+
 # table name -> (its parsers, how its keys are named in messages)
-TABLES: dict[str, tuple[dict[str, Any], str]] = {"gm": (GM_PARSERS, "GM setting"), "lan": (LAN_PARSERS, "LAN setting")}
+TABLES: dict[str, tuple[dict[str, Any], str]] = {"gm": (GM_PARSERS, "GM setting"), "lan": (LAN_PARSERS, "LAN setting"),
+                                                 "fleet": (FLEET_PARSERS, "fleet setting")}
 
 T = TypeVar("T")
 

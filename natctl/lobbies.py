@@ -43,8 +43,12 @@ class Lobbies:
         return lobby
 
     def create(self, name: str, allow: tuple[str, ...] = (), ttl: int | None = None, open_: bool = False,
-               max_clients: int = 64, apply: bool = True) -> tuple[Lobby, str]:
-        """Create a lobby; returns it and its registration token (shown once, stored hashed)."""
+               max_clients: int = 64, apply: bool = True, region: str | None = None,
+               relay: str | None = None) -> tuple[Lobby, str]:
+        """Create a lobby; returns it and its registration token (shown once, stored hashed).
+
+        In a fleet it is placed on one relay: ``relay`` if named, else the least loaded live relay of
+        ``region`` (default: this relay's region)."""
         if max_clients < 1:
             raise UsageError(f"invalid --max-clients {max_clients}", "use 1 or more")
         for net in allow:
@@ -53,7 +57,9 @@ class Lobbies:
         with self.rec.change(self.rec.lobby_scope(name), apply) as txn:
             if txn.store.lobby(name) is not None:
                 raise Conflict(f"a lobby named {name!r} is already open", "pick another name or close it first")
-            lobby = txn.store.add_lobby(self._new_lobby(name, token, allow, ttl, open_, max_clients))
+            lobby = replace(self._new_lobby(name, token, allow, ttl, open_, max_clients),
+                            relay=self.rec.place(txn.store, region, relay))
+            lobby = txn.store.add_lobby(lobby)
         return lobby, token
 
     def _new_lobby(self, name: str, token: str, allow: tuple[str, ...] = (), ttl: int | None = None,
@@ -75,7 +81,7 @@ class Lobbies:
             out.append(LobbyView(lb.name, lb.id, list(lb.allow), lb.open, lb.ttl, lb.created,
                                  lb.created + lb.ttl if lb.ttl else None, lb.closed,
                                  str(host.addr) if host else None, host.relay_port if host else None,
-                                 len(store.clients(lb.id))))
+                                 len(store.clients(lb.id)), lb.relay))
         return out
 
     # --- mappings
@@ -103,7 +109,8 @@ class Lobbies:
             known = store.host(lobby.id)
             # A host already in place needs client ports among its own clients only: one lobby's rows, as the
             # daemon admits a client; only a new host needs every port in use (for its host port).
-            alloc = self.rec.allocator(store, known if known is not None and known.addr == host_addr else None)
+            alloc = self.rec.allocator(store, known if known is not None and known.addr == host_addr else None,
+                                       self.rec.placed(store, lobby.id)[0] if store.fleet else None)
             host = self._ensure_host(store, lobby, host_addr, alloc)
             members = len(store.clients(lobby.id))
             for addr in clients:
@@ -169,7 +176,7 @@ class Lobbies:
     def _names_scope(self, names: list[str]) -> Scope:
         """The elements of the open lobbies called ``names`` (a bulk change's scope), planned in one snapshot."""
         def scope(store: Store) -> frozenset[planner.Element]:
-            return planner.plan(store.snapshot_lobbies(self.rec.relay_ip, names), None, self.rec.kernel.owns)
+            return self.rec.plan_lobbies(store, names)
         return scope
 
 
@@ -296,6 +303,9 @@ class _Batch:
                 lobbies.get(name, store)  # raises its NotFound
                 raise AssertionError
             lobby = lobbies._new_lobby(name, secrets.token_urlsafe(24))
+        elif store.fleet and lobby.relay != store.relay:  # its ports are another relay's to allocate
+            raise Conflict(f"lobby {name!r} is placed on relay {lobby.relay!r}, not on this one",
+                           "run a fleet's file of mappings on the relay of its lobbies (split it by relay)")
         addr = Endpoint(int_ipv4(host_ip), host_port)
         check_unicast_int(host_ip, addr.ip, "host", relay_ip)
         known = store.host(lobby.id) if lobby.id else None

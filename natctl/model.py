@@ -55,6 +55,7 @@ class Lobby:
     token_hash: str = ""
     open: bool = False
     max_clients: int = 64
+    relay: str = ""  # the fleet relay it is placed on (natctl.fleet); "" on a single relay
 
     def expired(self, now: float) -> bool:
         return self.ttl is not None and now >= self.created + self.ttl

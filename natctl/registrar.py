@@ -32,10 +32,15 @@ class Admission:
 
 @dataclass(frozen=True)
 class Registration:
-    """A registered host, and whether this registration changed it (new, moved, or a new protocol version)."""
+    """A registered host, and whether this registration changed it (new, moved, or a new protocol version).
+
+    ``relay_ip``: the relay its lobby is placed on (in a fleet, maybe not this one: the reply sends the
+    host there); ``here``: that relay is this one."""
 
     host: Host
     changed: bool
+    relay_ip: str = ""
+    here: bool = True
 
 
 class Registrar:
@@ -50,18 +55,20 @@ class Registrar:
         lobby = admission.lobby_for_token(token, rec.store.lobbies_by_token(admission.hash_token(token)))
         if lobby is None or lobby.expired(rec.clock()):
             raise NotFound("unknown or expired lobby token", "create the lobby with 'natctl lobby create'")
+        relay, relay_ip = rec.placed(rec.store, lobby.id)
+        here = not rec.store.fleet or relay == rec.store.relay
         current = rec.store.host(lobby.id)
         if current is not None and current.addr == addr and current.opens == opens:
-            return Registration(current, False)  # a repeat (a keepalive): nothing changes
+            return Registration(current, False, relay_ip, here)  # a repeat (a keepalive): nothing changes
         with rec.change(lambda st: rec.plan_lobby(st, lobby.id)) as txn:
             other = txn.store.host_at(addr)
             if other is not None and other.lobby_id != lobby.id:
                 raise Conflict(f"{addr} already hosts another lobby", "one game socket hosts one lobby")
             current = txn.store.host(lobby.id)
-            port = current.relay_port if current else rec.allocator(txn.store).host_port()
+            port = current.relay_port if current else rec.allocator(txn.store, relay=relay or None).host_port()
             host = Host(lobby.id, addr, port, opens)
             txn.store.set_host(host, rec.clock())
-        return Registration(host, True)
+        return Registration(host, True, relay_ip, here)
 
     def admit_client(self, host_port: int, addr: Endpoint, proto: str = "udp", expect: bool = False) -> Admission:
         """Give an unknown sender to a host port its client port and install both directions.

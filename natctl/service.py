@@ -75,8 +75,9 @@ class Service:
     # --- lobbies and mappings
 
     def lobby_create(self, name: str, allow: tuple[str, ...] = (), ttl: int | None = None,
-                     open_: bool = False, max_clients: int = 64, apply: bool = True) -> tuple[Lobby, str]:
-        return self._lobbies.create(name, allow, ttl, open_, max_clients, apply)
+                     open_: bool = False, max_clients: int = 64, apply: bool = True, region: str | None = None,
+                     relay: str | None = None) -> tuple[Lobby, str]:
+        return self._lobbies.create(name, allow, ttl, open_, max_clients, apply, region, relay)
 
     def lobby_close(self, name: str, apply: bool = True) -> Lobby:
         return self._lobbies.close(name, apply)

@@ -16,20 +16,27 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from natctl import plan as planner
 from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
-from natctl.errors import Conflict, KernelError, OwnedElsewhere
+from natctl.errors import Conflict, Exhausted, KernelError, NatctlError, OwnedElsewhere, UsageError
 from natctl.kernel.backend import Kernel
 from natctl.model import Endpoint, Host, Snapshot
 from natctl.preflight import ensure_forwarding
 from natctl.store import Store
 from natctl.views import SyncResult
 
+if TYPE_CHECKING:
+    from natctl.fleet.rows import FleetRows
+
 # What a change can touch: the elements of its lobby, client or forward, planned from the store.
 Scope = Callable[[Store], frozenset[planner.Element]]
+# A fleet store opened where no relay of the fleet has this relay IP: no rows are this process's own.
+NOT_A_RELAY = ""
+# Every map a relay may own: a change planned for another relay's kernel leaves out what that kernel lacks.
+ALL_SETS = planner.NFT_SETS | {planner.XDP}
 
 
 class Effect(Protocol):
@@ -62,6 +69,8 @@ class Reconciler:
         self._kernel: Kernel | None = None
         self._store: Store | None = None
         self._relay_ip = settings.relay_ip
+        # While a fleet change plans its scope: the elements planned, by the relay whose kernel they are for.
+        self._collect: dict[str, set[planner.Element]] | None = None
         # Once, before the first kernel write: the machine's own kernel must forward. A kernel handed in
         # (tests, the bench) is the caller's business.
         self.preflight: Callable[[Settings], None] | None = ensure_forwarding if kernel_factory is None else None
@@ -71,8 +80,29 @@ class Reconciler:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.settings.state, self.settings.lock_timeout)
+            store = Store(self.settings.store_location, self.settings.lock_timeout)
+            if store.fleet:  # this machine is the fleet's relay at its relay IP (natctl relay join), or none
+                store.relay = self._fleet_name(store)
+            self._store = store
         return self._store
+
+    def _fleet_name(self, store: Store) -> str:
+        from natctl.fleet.rows import FleetRows
+
+        try:
+            me = FleetRows(store).relay_at(self.relay_ip)
+        except NatctlError:  # no relay IP here (an operator's machine): it reads and places, it forwards nothing
+            me = None
+        return me.name if me is not None else NOT_A_RELAY
+
+    @property
+    def fleet(self) -> FleetRows | None:
+        """The fleet's rows when the store is shared (PostgreSQL), else None."""
+        if not self.store.fleet:
+            return None
+        from natctl.fleet.rows import FleetRows
+
+        return FleetRows(self.store)
 
     @property
     def kernel(self) -> Kernel:
@@ -126,7 +156,10 @@ class Reconciler:
 
     def identity(self, store: Store) -> planner.Owner:
         """This store as the kernel's table names it (Changes.owner)."""
-        return planner.Owner(store.store_id(), os.path.abspath(self.settings.state))
+        from natctl.db import redact
+
+        where = redact(self.settings.store) if self.settings.store else os.path.abspath(self.settings.state)
+        return planner.Owner(store.store_id(), where)
 
     def check_forwarding(self) -> None:
         """Once per process: IP forwarding on, or refused here (natctl.preflight). Every kernel write
@@ -154,6 +187,12 @@ class Reconciler:
             self.check_ports()
             self.check_forwarding()
         store = self.store
+        fleet = self.fleet
+        if fleet is not None and apply and store.relay == NOT_A_RELAY:
+            apply = False  # no kernel here: what this change plans for the fleet's relays goes to their outboxes
+            fleet_only = True
+        else:
+            fleet_only = False
         txn = Txn(store)
         changes = planner.Changes()
         touched = False  # the effect ran (perhaps in part): undo it if the change fails after that
@@ -163,17 +202,30 @@ class Reconciler:
                 mirrored = apply and store.generation() is not None and self.kernel.generation() == store.generation()
                 if apply and not mirrored:
                     self.check_owner()  # before any row changes: a full reconcile would undo another store's
-                trusted = mirrored and scope is not None
-                before = scope(store) if trusted and scope is not None else None
+                if apply and mirrored and fleet is not None:
+                    mirrored = self._drain(fleet, store)  # first what other relays' changes left for this kernel
+                before = before_by = None
+                if scope is not None and fleet is None and mirrored:
+                    before = scope(store)
+                elif scope is not None and fleet is not None:  # other relays' parts are always planned
+                    before_by = self._planned(scope, store)
+                    before = frozenset(before_by.get(store.relay or "", ())) if mirrored else None
                 yield txn
                 if effect is not None:
                     touched = True
                     effect.apply(store)
+                if fleet is not None and before_by is not None and scope is not None and (apply or fleet_only):
+                    after_by = self._planned(scope, store)
+                    local = frozenset(after_by.pop(store.relay or "", ()))
+                    self._post(fleet, store, before_by, after_by)
+                    scope = (lambda _st: local)  # noqa: E731  what this relay's kernel holds of the scope
                 if apply:
                     start = time.perf_counter()
                     tag = secrets.randbits(31)
                     scoped = self._apply_scoped(store, scope, before, tag) if before is not None else None
                     changes = scoped if scoped is not None else self._apply_full(store, tag)
+                    if scoped is None and fleet is not None:
+                        fleet.clear(store.relay or "")  # a full reconcile holds all that waited for this kernel
                     if changes.generation is not None:
                         store.set_generation(changes.generation)
                     txn.result = SyncResult(self.kernel.name, len(changes.add), len(changes.delete),
@@ -184,6 +236,60 @@ class Reconciler:
             raise
         if changes.delete and txn.result is not None:
             txn.result = replace(txn.result, flows_forgotten=self.kernel.forget(changes.flows()))
+
+    # --- a fleet's changes (natctl.fleet): each relay's kernel holds only its own lobbies
+
+    def _planned(self, scope: Scope, store: Store) -> dict[str, set[planner.Element]]:
+        """The scope's elements by the relay whose kernel they belong to (plan_lobby sorts them)."""
+        self._collect = {}
+        try:
+            mine = scope(store)
+            out, self._collect = self._collect, None
+        finally:
+            self._collect = None
+        planned = set().union(*out.values()) if out else set()
+        if mine - planned:  # planned without plan_lobby (a forward): this relay's own
+            out.setdefault(store.relay or "", set()).update(mine - planned)
+        return out
+
+    def _post(self, fleet: FleetRows, store: Store, before: dict[str, set[planner.Element]],
+              after: dict[str, set[planner.Element]]) -> None:
+        """Other relays' parts of a change wait in their outboxes for their daemons (in this transaction)."""
+        for relay in sorted((set(before) | set(after)) - {store.relay or ""}):
+            changes = planner.diff(after.get(relay, set()), before.get(relay, set()))
+            if changes.add or changes.delete:
+                fleet.post(relay, changes)
+
+    def _drain(self, fleet: FleetRows, store: Store) -> bool:
+        """Apply what waits in this relay's outbox, in one kernel transaction; False if the kernel refused
+        it (then this change reconciles in full, which holds all of it)."""
+        waiting = fleet.take(store.relay or "")
+        if not waiting:
+            return True
+        from natctl.fleet.model import compose
+
+        merged = planner.Changes()
+        for changes in waiting:
+            merged = compose(merged, changes)
+        owns = self.kernel.owns
+        tag = secrets.randbits(31)
+        merged = replace(merged, add=tuple(e for e in merged.add if e.set in owns),
+                         delete=tuple(e for e in merged.delete if e.set in owns), generation=tag)
+        try:
+            self.kernel.apply(merged)
+        except KernelError:
+            return False
+        store.set_generation(tag)
+        if merged.delete:
+            self.kernel.forget(merged.flows())
+        return True
+
+    def drain(self) -> SyncResult:
+        """A change of nothing: applies what other relays left in this relay's outbox (the daemon, on NOTIFY)."""
+        with self.change(lambda _st: frozenset()) as txn:
+            pass
+        assert txn.result is not None
+        return txn.result
 
     def _apply_scoped(self, store: Store, scope: Scope | None, before: frozenset, tag: int) -> planner.Changes | None:
         """Apply a scoped difference; None if the kernel refused it (it drifted from the store)."""
@@ -233,8 +339,33 @@ class Reconciler:
         """One lobby's elements (or only those of one of its clients and its host port).
 
         TTLs are not looked at: what a scope holds goes from the kernel when
-        cleanup closes or removes it, exactly as it came in."""
-        return planner.plan(store.snapshot_lobby(self.relay_ip, lobby_id, client), None, self.kernel.owns)
+        cleanup closes or removes it, exactly as it came in. In a fleet they are
+        planned for the relay the lobby is placed on, and sorted by relay."""
+        relay, ip = self.placed(store, lobby_id)
+        local = not store.fleet or (relay == store.relay and relay != NOT_A_RELAY)
+        sets = self.kernel.owns if local else ALL_SETS
+        elements = planner.plan(store.snapshot_lobby(ip, lobby_id, client), None, sets)
+        if self._collect is not None:
+            self._collect.setdefault(relay, set()).update(elements)
+        return elements
+
+    def placed(self, store: Store, lobby_id: int) -> tuple[str, str]:
+        """(relay name, relay IP) of the relay that forwards a lobby ("" and this relay's IP on one relay)."""
+        if store.fleet:
+            from natctl.fleet.rows import FleetRows
+
+            where = FleetRows(store).lobby_relay(lobby_id)
+            if where is not None:
+                return where
+        return store.relay or "", self.relay_ip
+
+    def plan_lobbies(self, store: Store, names: list[str]) -> frozenset[planner.Element]:
+        """The elements of the open lobbies called ``names`` (a bulk change's scope), in one snapshot on one
+        relay; lobby by lobby in a fleet, each for its own relay."""
+        if store.fleet:
+            lobbies = store.snapshot_lobbies(self.relay_ip, names).lobbies
+            return frozenset().union(*(self.plan_lobby(store, lb.id) for lb in lobbies))
+        return planner.plan(store.snapshot_lobbies(self.relay_ip, names), None, self.kernel.owns)
 
     def lobby_scope(self, name: str) -> Scope:
         """The elements of the open lobby called ``name`` (none if there is none)."""
@@ -249,20 +380,44 @@ class Reconciler:
             return planner.plan(Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ()), None, self.kernel.owns)
         return scope
 
+    def place(self, store: Store, region: str | None = None, relay: str | None = None) -> str:
+        """The relay a new lobby goes to (natctl.fleet.model.place): "" on one relay, where --region and
+        --relay mean nothing."""
+        fleet = self.fleet
+        if fleet is None:
+            if region is not None or relay is not None:
+                raise UsageError("--region and --relay place lobbies in a fleet; this relay's store is its own",
+                                 "leave them out, or set store = \"postgresql://...\" to join a fleet")
+            return ""
+        from natctl.fleet.model import place
+
+        relays, now, dead_after = fleet.relays(), fleet.now(), self.settings.fleet.dead_after
+        if region is None and relay is None and store.relay:
+            try:  # this relay's region first, any other if none there is live
+                mine = next((r.region for r in relays if r.name == store.relay), None)
+                return place(relays, now, dead_after, mine).name
+            except Exhausted:
+                pass
+        return place(relays, now, dead_after, region, relay).name
+
     # --- relay ports
 
-    def allocator(self, store: Store, host: Host | None = None) -> Allocator:
+    def allocator(self, store: Store, host: Host | None = None, relay: str | None = None) -> Allocator:
         """The ports in use: all of them, or (``host`` given) only what a new client of that host must avoid.
 
         A client port only needs to be unique among its host's clients and
         never a host port, so admitting one client reads one lobby's rows.
+        ``relay``: the fleet relay whose ports these are (default: this one's;
+        a host's: its lobby's).
         """
         reserved = (self.settings.registration_port,)
         if host is not None:
+            if relay is None and store.fleet:
+                relay = self.placed(store, host.lobby_id)[0]
             return Allocator(self.settings.ports, (), ((host.addr, p) for p in store.client_ports(host.lobby_id)),
-                             reserved=reserved, is_host_port=store.is_host_port)
+                             reserved=reserved, is_host_port=lambda port: store.is_host_port(port, relay))
         self.check_ports()
         # A new host: its host port avoids every host port and every client port number in use (two
         # integer queries, not a snapshot of every client); its own clients' ports start from nothing.
-        return Allocator(self.settings.ports, store.host_ports(), reserved=reserved,
-                         client_numbers=store.client_port_numbers())
+        return Allocator(self.settings.ports, store.host_ports(relay), reserved=reserved,
+                         client_numbers=store.client_port_numbers(relay))

@@ -26,6 +26,7 @@ class LobbyView:
     host: str | None
     host_port: int | None
     clients: int
+    relay: str = ""  # the fleet relay it is placed on ("" on one relay)
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,19 @@ def as_json(obj: Any) -> Any:
                 del out[k]
         return out
     return obj
+
+
+@dataclass(frozen=True)
+class RelayView:
+    """One relay of a fleet (natctl relay list)."""
+
+    name: str
+    ip: str
+    region: str
+    state: str  # live, draining or dead as the fleet marked it; "silent" when its heartbeat is late
+    heartbeat_age: float  # seconds since its last heartbeat, by the database's clock
+    capacity: int
+    lobbies: int
+    mappings: int
+    pps: float
+    registration_port: int

@@ -10,6 +10,10 @@ APT_PACKAGES=(
   python3-venv python3-pip
   socat iperf3 curl wireguard-go wireguard-tools openvpn openssl util-linux
   python3-zeroconf
+  # The fleet's store: psycopg 3 for the venv (system site-packages), the server for a throwaway
+  # cluster (natctl/lab/postgres.py). In a chroot or container the package's own 15/main cluster
+  # is created but not started (no init system): nothing here needs it.
+  postgresql python3-psycopg
 )
 
 SUDO=""

@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from support.postgres import pg_db, pg_server  # noqa: F401  fixtures: one PostgreSQL per session, a database per test
+
 ROOT = os.geteuid() == 0
 
 

@@ -25,6 +25,7 @@ GROUPS = {
     "forward": ("natctl.cli.forward", "app"),
     "gm": ("natctl.cli.gm", "app"),
     "lan": ("natctl.cli.lan", "app"),
+    "relay": ("natctl.cli.relay", "app"),
 }
 
 

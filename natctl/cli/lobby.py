@@ -21,25 +21,27 @@ def create(
     ttl: Annotated[Optional[str], typer.Option(help="Close the lobby after this long, e.g. 4h.")] = None,
     open_: Annotated[bool, typer.Option("--open", help="Admit clients from anywhere (up to --max-clients).")] = False,
     max_clients: Annotated[str, typer.Option(metavar="N", help="Most clients the lobby admits, 1 to 65535.")] = "64",
+    region: Annotated[Optional[str], typer.Option(help="Fleet: place it on a relay of this region.")] = None,
+    relay: Annotated[Optional[str], typer.Option(help="Fleet: place it on this relay.")] = None,
     as_json: JsonOpt = False,
     no_apply: NoApplyOpt = False,
 ) -> None:
     """Create a lobby and print its registration token (shown only once)."""
     done, made = through_daemon(ctx, "lobby.create", no_apply, name=name, allow=allow or None, ttl=ttl,
-                                open=open_ or None, max_clients=max_clients)
-    if done:
-        emit_json(made) if as_json else say(f"lobby {made['name']} created (id {made['id']}); token: {made['token']}")
-        return
-    nets = tuple(parse_cidr(a) for a in allow or ())
-    seconds = parse_duration(ttl) if ttl else None
-    most = parse_int(max_clients, "--max-clients", 1, 65535)
-    lobby, token = service(ctx).lobby_create(parse_name(name, "lobby name"), nets, seconds, open_, most,
-                                             apply=not no_apply)
+                                open=open_ or None, max_clients=max_clients, region=region, relay=relay)
+    if not done:
+        nets = tuple(parse_cidr(a) for a in allow or ())
+        seconds = parse_duration(ttl) if ttl else None
+        most = parse_int(max_clients, "--max-clients", 1, 65535)
+        lobby, token = service(ctx).lobby_create(parse_name(name, "lobby name"), nets, seconds, open_, most,
+                                                 apply=not no_apply, region=region, relay=relay)
+        made = {"name": lobby.name, "id": lobby.id, "token": token, "allow": list(nets), "ttl": seconds,
+                "open": open_, "relay": lobby.relay}
     if as_json:
-        emit_json({"name": lobby.name, "id": lobby.id, "token": token, "allow": list(nets), "ttl": seconds,
-                   "open": open_})
+        emit_json(made)
     else:
-        say(f"lobby {lobby.name} created (id {lobby.id}); token: {token}")
+        where = f" on relay {made['relay']}" if made.get("relay") else ""
+        say(f"lobby {made['name']} created (id {made['id']}){where}; token: {made['token']}")
 
 
 @app.command("close")

@@ -1,4 +1,4 @@
-"""The reference host-side client of the registration protocol (v2; see natctl.daemon.wire).
+"""The reference host-side client of the registration protocol (v3; see natctl.daemon.wire).
 
 A game host does three things on its own game socket, and nothing else:
 
@@ -23,17 +23,24 @@ from natctl.daemon import wire
 from natctl.errors import NatctlError
 
 KEEPALIVE = 15.0  # seconds: well inside the 30 s a Linux router keeps an unanswered UDP path
+# Keepalives unanswered before the host registers at its first address again (its relay died; version 3).
+MISSED = 2
 
 
 class HostSession:
     """One lobby's registration from one game socket."""
 
-    def __init__(self, sock: socket.socket, relay: tuple[str, int], token: str, version: int = wire.VERSION) -> None:
+    def __init__(self, sock: socket.socket, relay: tuple[str, int], token: str, version: int = wire.VERSION,
+                 keepalive: float = KEEPALIVE, retry: float = 2.0) -> None:
         self.sock, self.relay, self.token, self.version = sock, relay, token, version
+        self.keepalive, self.retry = keepalive, retry  # retry: after an unanswered keepalive
+        self.home = relay  # where it registers first (a fleet's well-known address) and when its relay dies
         self.nonce = secrets.randbits(32)
         self.relay_ip: str | None = None  # from REGISTERED: where clients (and punches) go
         self.host_port: int | None = None
         self.punched = 0
+        self.unanswered = 0  # keepalives sent since the last REGISTERED
+        self.moves = 0  # times a reply sent it to another relay (version 3)
         self._next_keepalive = 0.0
 
     def register(self, tries: int = 10, interval: float = 0.3) -> tuple[str, int]:
@@ -43,7 +50,8 @@ class HostSession:
         old = self.sock.gettimeout()
         try:
             for _ in range(tries):
-                self.sock.sendto(request, self.relay)
+                target = self.relay
+                self.sock.sendto(request, target)
                 deadline = time.monotonic() + interval
                 while (left := deadline - time.monotonic()) > 0:
                     self.sock.settimeout(left)
@@ -52,9 +60,12 @@ class HostSession:
                     except TimeoutError:
                         break
                     self.handle(data, src)
-                    if self.host_port is not None:
-                        self._next_keepalive = time.monotonic() + KEEPALIVE
+                    if self.host_port is not None and self.relay == target:  # (not sent on to another relay)
+                        self._next_keepalive = time.monotonic() + self.keepalive
+                        self.unanswered = 0
                         return self.relay_ip, self.host_port  # type: ignore[return-value]
+                    if self.relay != target:
+                        break  # version 3: register where the lobby lives, now
         finally:
             self.sock.settimeout(old)
         raise NatctlError(f"no answer from {self.relay[0]}:{self.relay[1]} after {tries} tries",
@@ -63,7 +74,7 @@ class HostSession:
     def handle(self, data: bytes, src: tuple[str, int]) -> bool:
         """Call with every datagram the game socket receives; True if it was the relay's (then
         the game ignores it). Answers OPEN with PUNCH; takes REGISTERED and ERROR replies."""
-        if src != self.relay or not data.startswith(wire.MAGIC):
+        if src not in (self.relay, self.home) or not data.startswith(wire.MAGIC):
             return False  # game traffic: clients arrive from relay ports, never the registration port
         try:
             ticket, port = wire.decode_open(data)
@@ -80,6 +91,11 @@ class HostSession:
             return True  # from the relay's registration port, but nothing we know: drop it
         if nonce == self.nonce and kind == wire.REGISTERED:
             self.relay_ip, self.host_port = body  # type: ignore[misc]
+            self.unanswered = 0
+            if self.version >= 3 and self.relay_ip != self.relay[0]:  # the lobby lives on another relay: go there
+                self.relay = (self.relay_ip, self.relay[1])
+                self.moves += 1
+                self._next_keepalive = 0.0  # register there now: its OPENs need the path open
         elif nonce == self.nonce and kind == wire.ERROR:
             raise NatctlError(f"the relay refused the registration (code {body})", "check the token")
         return True
@@ -88,7 +104,10 @@ class HostSession:
         """Call now and then (every frame is fine): re-sends REGISTER every KEEPALIVE seconds."""
         now = time.monotonic() if now is None else now
         if self.host_port is not None and now >= self._next_keepalive:
-            self._next_keepalive = now + KEEPALIVE
+            if self.version >= 3 and self.unanswered >= MISSED and self.relay != self.home:
+                self.relay, self.unanswered = self.home, 0  # its relay is gone: ask where the lobby went
+            self._next_keepalive = now + (self.keepalive if self.unanswered == 0 else self.retry)
+            self.unanswered += 1
             self.sock.sendto(wire.encode_request(self.token, self.nonce, self.version), self.relay)
 
 

@@ -115,8 +115,10 @@ def _lobby_create(svc: Service, a: Args) -> Any:
     seconds = parse_duration(ttl) if ttl else None
     open_ = a.flag("open")
     most = parse_int(a.text("max_clients", "64") or "64", "--max-clients", 1, 65535)
-    lobby, token = svc.lobby_create(parse_name(name or "", "lobby name"), nets, seconds, open_, most)
-    return {"name": lobby.name, "id": lobby.id, "token": token, "allow": list(nets), "ttl": seconds, "open": open_}
+    lobby, token = svc.lobby_create(parse_name(name or "", "lobby name"), nets, seconds, open_, most,
+                                    region=a.text("region"), relay=a.text("relay"))
+    return {"name": lobby.name, "id": lobby.id, "token": token, "allow": list(nets), "ttl": seconds, "open": open_,
+            "relay": lobby.relay}
 
 
 def _lobby_close(svc: Service, a: Args) -> Any:
@@ -191,7 +193,7 @@ class Op:
 
 
 OPS: dict[str, Op] = {
-    "lobby.create": Op(_lobby_create, ("name", "allow", "ttl", "open", "max_clients"), True),
+    "lobby.create": Op(_lobby_create, ("name", "allow", "ttl", "open", "max_clients", "region", "relay"), True),
     "lobby.close": Op(_lobby_close, ("name",), True),
     "lobby.list": Op(_lobby_list, ("all",), False),
     "map.add": Op(_map_add, ("lobby", "host", "client", "proto"), True),

@@ -18,6 +18,7 @@ from natctl.admission import NotAllowed
 from natctl.daemon import metrics, wire
 from natctl.daemon.log import log
 from natctl.daemon.ratelimit import RateLimiter
+from natctl.db import StoreUnreachable
 from natctl.errors import Conflict, NatctlError, NotFound
 from natctl.model import Endpoint, Host, Lobby
 
@@ -60,6 +61,11 @@ class Registrar(asyncio.DatagramProtocol):
             self.daemon.repeats.note(time.monotonic(), "registration_refused", source=source, reason=err.message)
             self.transport.sendto(wire.encode_error(req.nonce, wire.ERR_SERVER, req.version), addr)
             return
+        except StoreUnreachable:  # a fleet's database is down: a known host's keepalive gets its last answer
+            reply = self.daemon.replies.get((req.token, addr))
+            if reply is not None:
+                self.transport.sendto(reply, addr)
+            return
         except NatctlError as err:
             metrics.SYNC_FAILURES.inc()
             log("registration_failed", source=source, error=str(err))
@@ -69,7 +75,13 @@ class Registrar(asyncio.DatagramProtocol):
         if reg.changed:  # keepalives repeat a registration every few seconds: log only what changed
             log("registered", lobby_id=host.lobby_id, host=str(host.addr), host_port=host.relay_port,
                 version=req.version)
-        self.transport.sendto(wire.encode_registered(req.nonce, svc.relay_ip, host.relay_port, req.version), addr)
+        # In a fleet the lobby may live on another relay: the reply names it, and the host goes there.
+        reply = wire.encode_registered(req.nonce, reg.relay_ip, host.relay_port, req.version)
+        self.transport.sendto(reply, addr)
+        if len(self.daemon.replies) < 65536:
+            self.daemon.replies[(req.token, addr)] = reply
+        if not reg.here:
+            return
         if reg.changed and host.opens:  # a moved host's NAT is new: ask it to open toward its clients again
             for c in svc.clients(host.lobby_id):
                 if c.proto == "udp" and not c.pending:

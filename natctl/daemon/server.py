@@ -23,6 +23,7 @@ from natctl.daemon import metrics
 from natctl.daemon.listeners import HostPort, Registrar, _deep_queue
 from natctl.daemon.log import Repeats, log
 from natctl.daemon.punch import Punches
+from natctl.db import StoreUnreachable
 from natctl.errors import Busy, NatctlError, NotFound
 from natctl.model import Endpoint
 from natctl.preflight import local_or_any as _local_or_any
@@ -32,6 +33,7 @@ from natctl.service import Service
 SO_MARK = getattr(socket, "SO_MARK", 36)
 REFRESH_SECONDS = 1.0  # how soon a lobby made with the CLI gets its listener
 VERIFY_SECONDS = 600.0  # how often the whole kernel state is read back and compared with the store
+WAITING_MAX = 1024  # first packets kept while a fleet's store is unreachable
 
 
 def lock(state: str) -> int:
@@ -81,6 +83,11 @@ class Daemon:
 
         self.handlers.append(lan_handler(self))  # LAN joins (natctl.lan); their cleanup is natctl.expiry's
         self.punches = Punches(self)
+        self.watch: object | None = None  # natctl.fleet.watch.Watch, on a fleet's relay
+        # While a fleet's store is unreachable: first packets of new senders, and the last registration
+        # reply of each known host (its keepalives are still answered, so it does not leave a live relay).
+        self.waiting: dict[tuple[int, tuple[str, int]], bytes] = {}
+        self.replies: dict[tuple[str, tuple[str, int]], bytes] = {}
 
     def refresh_host_ports(self) -> None:
         """Listen on exactly the host relay ports of open lobbies."""
@@ -126,6 +133,9 @@ class Daemon:
         except NotFound:
             metrics.REJECTIONS.labels("no_lobby").inc()
             return
+        except StoreUnreachable:  # a fleet's database is down: admitted when it is back (Watch.tick)
+            self.wait(host_port, data, addr)
+            return
         except NatctlError as err:  # e.g. the kernel refused, or another store owns it: once per interval, counted
             metrics.SYNC_FAILURES.inc()
             self.repeats.note(time.monotonic(), "admission_failed", source=f"{addr[0]}:{addr[1]}", error=str(err))
@@ -143,6 +153,21 @@ class Daemon:
             metrics.ADMISSIONS.inc()
             log("admitted", lobby=m.lobby, client=m.client, client_port=m.client_port, host_port=host_port,
                 ms=round(took * 1000, 2), waits_for_host=admitted.pending or None)
+
+    def wait(self, host_port: int, data: bytes, addr: tuple[str, int]) -> None:
+        """Keep a first packet (one per sender, a bounded number) until the store can admit its sender."""
+        key = (host_port, addr)
+        if key not in self.waiting and len(self.waiting) < WAITING_MAX:
+            self.waiting[key] = data
+            self.repeats.note(time.monotonic(), "admission_waits", source=f"{addr[0]}:{addr[1]}",
+                              note="the store is unreachable; admitted when it is back")
+
+    def admit_waiting(self) -> int:
+        """Admit the senders that came while the store was unreachable (their first packets delivered)."""
+        waiting, self.waiting = self.waiting, {}
+        for (host_port, addr), data in waiting.items():
+            self.admit(host_port, data, addr)
+        return len(waiting) - len(self.waiting)
 
     def settle(self, client_id: int, seen: Endpoint | None) -> Admission | None:
         """Install a held client (see natctl.daemon.punch); errors are logged, never raised into the loop."""
@@ -214,6 +239,12 @@ class Daemon:
         from natctl.daemon import control  # the local control API: a Unix socket beside the store
 
         ctl = await control.start(self)
+        fleet = None
+        if self.svc.store.fleet:  # a relay of a fleet: heartbeat, outbox, the others' heartbeats (natctl.fleet)
+            from natctl.fleet.watch import Watch
+
+            self.watch = Watch(self)
+            fleet = self.loop.create_task(self.watch.run(stop))
         next_cleanup = time.monotonic() + settings.cleanup_interval
         try:
             while not stop.is_set():
@@ -221,9 +252,12 @@ class Daemon:
                     await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
                 except TimeoutError:
                     pass
-                self.refresh_host_ports()
+                try:
+                    self.refresh_host_ports()
+                    metrics.MAPPINGS.set(self.svc.store.count_clients())
+                except NatctlError:  # the database is unreachable (a fleet's): the watch says so
+                    pass
                 self.repeats.flush(time.monotonic())
-                metrics.MAPPINGS.set(self.svc.store.count_clients())
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + settings.cleanup_interval
                     try:
@@ -238,6 +272,8 @@ class Daemon:
                         log("cleanup", **gone)
         finally:
             self.repeats.flush(time.monotonic(), force=True)
+            if fleet is not None:
+                await fleet
             self.punches.close()
             if noray is not None:
                 noray.close()
@@ -264,6 +300,9 @@ def serve(settings: Settings) -> int:
     fd = lock(settings.state)
     try:
         svc = Service(settings)
+        if svc.store.fleet and not svc.store.relay:
+            raise NatctlError(f"this machine (relay IP {svc.relay_ip}) has not joined the fleet",
+                              "run 'natctl relay join --region NAME' on it first")
         # Refused before anything is changed or bound: a relay range the kernel may hand out, a kernel
         # table that another store owns (unless --adopt), a registration port another process holds.
         svc.rec.check_ports()

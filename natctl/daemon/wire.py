@@ -1,4 +1,4 @@
-"""The registration wire format, versions 1 and 2 (pure; documented in the README).
+"""The registration wire format, versions 1 to 3 (pure; documented in the README).
 
 All integers are big-endian. A request is at least as large as any reply, so
 the relay never amplifies. Every message starts with the same 10 bytes:
@@ -19,6 +19,16 @@ promises to answer them (the relay answers in the version it was asked in):
 
 The nonce of REGISTER is the client's own, echoed so that it can match replies
 to requests; an OPEN's ticket is the relay's, random, good for one client.
+
+Version 3 changes no message; a host that registers with version 3 promises
+to follow the relay IP in REGISTERED. In a fleet (natctl.fleet) a host may
+register at any relay: the reply names the relay that holds its lobby, and
+a version 3 host sends its next REGISTERs (keepalives) there, from the same
+socket, so that OPENs from that relay reach it. When its keepalives go
+unanswered (that relay died), it registers at the address it started from
+again, which names the relay its lobby moved to. Versions 1 and 2 get the
+same reply; a host that ignores its relay IP is reached where its NAT lets
+that relay in (a cone), as with version 1.
 """
 
 from __future__ import annotations
@@ -28,8 +38,8 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"NATC"
-VERSION = 2  # what this relay and the reference client speak
-VERSIONS = (1, 2)
+VERSION = 3  # what this relay and the reference client speak
+VERSIONS = (1, 2, 3)
 REGISTER, REGISTERED, ERROR, OPEN, PUNCH = 1, 2, 3, 4, 5
 TOKEN_MIN, TOKEN_MAX = 16, 64
 ERR_RATE_LIMITED, ERR_SERVER = 2, 3  # a bad token gets no answer at all

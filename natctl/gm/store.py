@@ -1,8 +1,8 @@
-"""GM rows in natctl's SQLite store (their own table; writes inside ``Store.write()``)."""
+"""GM rows in natctl's store (their own table; writes inside ``Store.write()``)."""
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any
 
 from natctl.gm.model import Gm
 from natctl.store import Store
@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS gms (
 """
 
 
-def _gm(r: sqlite3.Row) -> Gm:
+def _gm(r: Any) -> Gm:
     return Gm(r["name"], r["vpn"], r["address"], r["port"], r["public_key"], r["created"])
 
 

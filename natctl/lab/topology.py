@@ -82,10 +82,14 @@ class Lab:
     routers: dict[str, str] = field(default_factory=dict)  # router name -> ns
     nat: dict[str, str] = field(default_factory=dict)  # router name -> NAT kind
     created: list[str] = field(default_factory=list)  # namespaces, in creation order
+    # Every relay as (namespace, relay IP): the first is relay_ns/relay_ip, the others a fleet's (build(relays=N)).
+    relays: list[tuple[str, str]] = field(default_factory=list)
 
     def ns(self, name: str) -> str:
         if name == "relay":
             return self.relay_ns
+        if name.startswith("relay") and name[5:].isdigit():  # relay1 is relay, relay2 the fleet's second...
+            return self.relays[int(name[5:]) - 1][0]
         if name == "inet":
             return self.inet_ns
         if name in self.routers:
@@ -117,10 +121,11 @@ def _sysctl(ns: str, *settings: str) -> None:
 
 
 def build(sites: dict[str, list[str]] | None = None, prefix: str | None = None,
-          nat: str | dict[str, str] = DEFAULT_NAT) -> Lab:
+          nat: str | dict[str, str] = DEFAULT_NAT, relays: int = 1) -> Lab:
     """Create the lab; on any failure, remove what was made and re-raise.
 
     ``nat`` is the kind of every home router, or a kind per router name (the rest get the default).
+    ``relays``: more than one makes a fleet's relays, relay N (N >= 2) at 198.18.(100+N).1 on a link of its own.
     """
     need("ip", "nft", "sysctl")
     sites = DEFAULT_SITES if sites is None else sites
@@ -132,6 +137,9 @@ def build(sites: dict[str, list[str]] | None = None, prefix: str | None = None,
         home_router(kind)  # an unknown kind fails here, before anything is made
     try:
         _build(lab, sites)
+        lab.relays.append((lab.relay_ns, lab.relay_ip))
+        for n in range(2, relays + 1):
+            lab.relays.append(_relay(lab, n))
     except BaseException:
         lab.teardown()
         raise
@@ -168,6 +176,17 @@ def _build(lab: Lab, sites: dict[str, list[str]]) -> None:
             run(["ip", "-n", mns, "addr", "add", f"{ip}/24", "dev", "eth0"])
             run(["ip", "-n", mns, "route", "add", "default", "via", f"198.19.{n}.1"])
             lab.members[member] = Member(member, mns, ip, wan, router)
+
+
+def _relay(lab: Lab, n: int) -> tuple[str, str]:
+    """A fleet's relay N, set up as a fresh VPS (forwarding off), routed through the internet namespace."""
+    ns, ip = _ns(lab, f"relay{n}"), f"198.18.{100 + n}.1"
+    _sysctl(ns, "net.ipv4.ip_forward=0", "net.ipv4.conf.all.send_redirects=0")
+    _veth(ns, "eth0", lab.inet_ns, f"r{n}")
+    run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
+    run(["ip", "-n", lab.inet_ns, "addr", "add", f"198.18.{100 + n}.254/24", "dev", f"r{n}"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", f"198.18.{100 + n}.254"])
+    return ns, ip
 
 
 def say_hello(sock: socket.socket, lab: Lab) -> None:

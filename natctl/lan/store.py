@@ -1,8 +1,8 @@
-"""LAN rows in natctl's SQLite store (their own tables; writes inside ``Store.write()``)."""
+"""LAN rows in natctl's store (their own tables; writes inside ``Store.write()``)."""
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any
 
 from natctl.lan.model import Lan, Member
 from natctl.store import Store
@@ -29,11 +29,11 @@ CREATE TABLE IF NOT EXISTS lan_members (
 """
 
 
-def _lan(r: sqlite3.Row) -> Lan:
+def _lan(r: Any) -> Lan:
     return Lan(r["id"], r["name"], r["subnet"], r["token_hash"], r["ttl"], r["max_members"], r["created"])
 
 
-def _member(r: sqlite3.Row) -> Member:
+def _member(r: Any) -> Member:
     return Member(r["id"], r["lan_id"], r["name"], r["address"], r["public_key"], r["created"])
 
 
@@ -54,9 +54,10 @@ class LanStore:
 
     def add_lan(self, name: str, subnet: str, token_hash: str, ttl: int | None, max_members: int,
                 created: float) -> Lan:
-        cur = self.db.execute("INSERT INTO lans (name, subnet, token_hash, ttl, max_members, created) "
-                              "VALUES (?,?,?,?,?,?)", (name, subnet, token_hash, ttl, max_members, created))
-        return Lan(int(cur.lastrowid or 0), name, subnet, token_hash, ttl, max_members, created)
+        row = self.db.execute("INSERT INTO lans (name, subnet, token_hash, ttl, max_members, created) "
+                              "VALUES (?,?,?,?,?,?) RETURNING id", (name, subnet, token_hash, ttl, max_members,
+                                                                    created)).fetchone()
+        return Lan(int(row[0]), name, subnet, token_hash, ttl, max_members, created)
 
     def remove_lan(self, lan_id: int) -> None:
         self.db.execute("DELETE FROM lan_members WHERE lan_id=?", (lan_id,))
@@ -70,9 +71,9 @@ class LanStore:
         return [_member(r) for r in rows]
 
     def add_member(self, lan_id: int, name: str, address: str, public_key: str, created: float) -> Member:
-        cur = self.db.execute("INSERT INTO lan_members (lan_id, name, address, public_key, created) "
-                              "VALUES (?,?,?,?,?)", (lan_id, name, address, public_key, created))
-        return Member(int(cur.lastrowid or 0), lan_id, name, address, public_key, created)
+        row = self.db.execute("INSERT INTO lan_members (lan_id, name, address, public_key, created) "
+                              "VALUES (?,?,?,?,?) RETURNING id", (lan_id, name, address, public_key, created)).fetchone()
+        return Member(int(row[0]), lan_id, name, address, public_key, created)
 
     def remove_member(self, member_id: int) -> None:
         self.db.execute("DELETE FROM lan_members WHERE id=?", (member_id,))

@@ -46,7 +46,7 @@ def ok(svc: Service, **req: object) -> object:
 
 def test_lobbies_and_mappings_round_trip(svc):
     made = ok(svc, op="lobby.create", name="a", allow=["198.18.2.0/24"], ttl="4h", max_clients=8)
-    assert set(made) == {"name", "id", "token", "allow", "ttl", "open"} and made["ttl"] == 4 * 3600
+    assert set(made) == {"name", "id", "token", "allow", "ttl", "open", "relay"} and made["ttl"] == 4 * 3600
     m = ok(svc, op="map.add", lobby="a", host="198.18.1.2:27015", client="198.18.2.2:40001")
     assert m["client"] == "198.18.2.2:40001" and m["installed"] is True
     two = ok(svc, op="map.add", lobby="a", host="198.18.1.2:27015", client=["198.18.2.2:40002", "198.18.2.3:40002"])

@@ -131,6 +131,9 @@ def test_the_owner_is_written_with_a_comment_nft_can_hold():
 
 # --- store identity: one kernel, two stores
 
+# Two store files on one kernel: about SQLite files (a fleet's relays share one store by design).
+SQLITE_FILES = pytest.mark.parametrize("svc", ["sqlite"], indirect=True)
+
 def other(svc: Service, path: str, **kw) -> Service:
     """A second natctl on the same (fake) kernel with its own store."""
     s = Service(replace(svc.settings, state=path, **kw), kernel_factory=lambda: svc.fake)
@@ -138,6 +141,7 @@ def other(svc: Service, path: str, **kw) -> Service:
     return s
 
 
+@SQLITE_FILES
 def test_second_store_refused_adopt_takes_over(svc, tmp_path):
     svc.lobby_create("a", open_=True)
     svc.map_add("a", H, [Endpoint("198.18.2.2", 40001)])
@@ -171,6 +175,7 @@ def test_second_store_refused_adopt_takes_over(svc, tmp_path):
         s.close()
 
 
+@SQLITE_FILES
 def test_a_replaced_store_file_is_told_apart_from_its_path(svc, tmp_path):
     svc.lobby_create("a", open_=True)
     svc.apply()
@@ -272,6 +277,7 @@ def test_clients_are_still_counted_by_the_store(svc):
         svc.admit_client(port, Endpoint("198.18.2.2", 5000))
 
 
+@SQLITE_FILES
 def test_adopt_takes_over_once_then_defends_like_any_owner(svc, tmp_path):
     svc.lobby_create("a", open_=True)
     b = other(svc, str(tmp_path / "b.db"), adopt=True)

@@ -13,8 +13,9 @@ tokens = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), mi
 @given(tokens, st.integers(0, 2**32 - 1))
 def test_round_trip_and_replies_never_larger_than_requests(token, nonce):
     req = wire.encode_request(token, nonce)
-    assert wire.decode_request(req) == wire.Register(nonce, token, 2)
+    assert wire.decode_request(req) == wire.Register(nonce, token, wire.VERSION)
     assert wire.decode_request(wire.encode_request(token, nonce, 1)) == wire.Register(nonce, token, 1)
+    assert wire.decode_request(wire.encode_request(token, nonce, 2)).opens
     ok = wire.encode_registered(nonce, "198.18.0.1", 29999)
     err = wire.encode_error(nonce, wire.ERR_RATE_LIMITED)
     assert len(ok) <= len(req) and len(err) <= len(req)
