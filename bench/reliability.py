@@ -13,7 +13,9 @@ In the bench's lab (bench/lab.py: a relay with one interface, a world holding ev
   change to it over the control socket). Python's bytecode cache is on (as on
   an installed natctl); without it is reported apart (``PYTHONDONTWRITEBYTECODE``
   checkouts compile every module each time), and `natctl --version` gives the
-  machine's floor (interpreter, typer, the command line; no work).
+  machine's floor (interpreter, typer, the command line; no work). ``--baseline DIR``
+  times another natctl package (e.g. ``git archive HEAD natctl | tar -x -C DIR``)
+  in turns with this checkout's, so that both meet the same load.
 - **Control API changes/s** (natctl.daemon.control): ``--changes`` changes
   through the daemon's socket, each sent when the previous one was answered,
   in cycles of lobby create, map add, map remove, lobby close; with the CLI's
@@ -181,16 +183,17 @@ def _r(x: float | None) -> float | None:
 # --- the CLI, one process per change
 
 TIMER = r"""
-import json, subprocess, sys, time
-argv, n = json.loads(sys.argv[1]), int(sys.argv[2])
-out = []
+import json, os, subprocess, sys, time
+variants, n = json.loads(sys.argv[1]), int(sys.argv[2])
+out = [[] for _ in variants]
 for i in range(n):
-    a = [x.replace("{i}", str(i)) for x in argv]
-    t = time.perf_counter()
-    p = subprocess.run(a, capture_output=True, text=True)
-    out.append(time.perf_counter() - t)
-    if p.returncode:
-        sys.exit("natctl failed: " + p.stderr[-300:])
+    for k, (argv, env) in enumerate(variants):  # in turns: a baseline meets the same load as this checkout
+        a = [x.replace("{i}", str(i)) for x in argv]
+        t = time.perf_counter()
+        p = subprocess.run(a, capture_output=True, text=True, env={**os.environ, **env})
+        out[k].append(time.perf_counter() - t)
+        if p.returncode:
+            sys.exit("natctl failed: " + p.stderr[-300:])
 print(json.dumps(out))
 """
 
@@ -223,13 +226,27 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def cli_wall(lab: BenchLab, state: str, runs: int, env: dict[str, str], lobby: str,
-             argv: list[str] | None = None) -> dict[str, Any]:
-    """Wall time of `natctl map add` (one new client each), ``runs`` processes one after another."""
-    argv = argv or _cli(state, "map", "add", "--lobby", lobby, "--host", "198.19.201.1:27015", "--client",
-                        f"198.19.{random.randrange(202, 250)}.{{i}}:{20000 + random.randrange(10000)}")
-    proc = _ok(run_env(lab, [sys.executable, "-c", TIMER, json.dumps(argv), str(runs)], env, timeout=600))
-    ms = sorted(t * 1000 for t in json.loads(proc.stdout))
-    return {"runs": runs, "p50_ms": _r(percentile(ms, 50)), "min_ms": _r(ms[0]), "p90_ms": _r(percentile(ms, 90)),
+             argv: list[str] | None = None, baseline: str | None = None) -> Any:
+    """Wall time of `natctl map add` (one new client each), ``runs`` processes one after another. With
+    ``baseline`` (a directory holding another natctl package), that natctl's too, in turns with this one's:
+    (this one's, the baseline's)."""
+    def command() -> list[str]:
+        return argv or _cli(state, "map", "add", "--lobby", lobby, "--host", "198.19.201.1:27015", "--client",
+                            f"198.19.{random.randrange(202, 250)}.{{i}}:{20000 + random.randrange(10000)}")
+
+    variants: list[tuple[list[str], dict[str, str]]] = [(command(), {})]
+    if baseline:
+        # PYTHONSAFEPATH: python -m puts the working directory (this checkout) first on the path otherwise
+        variants.append((command(), {"PYTHONPATH": os.pathsep.join([baseline, env.get("PYTHONPATH", "")]),
+                                     "PYTHONSAFEPATH": "1"}))
+    proc = _ok(run_env(lab, [sys.executable, "-c", TIMER, json.dumps(variants), str(runs)], env, timeout=600))
+    figures = [_figures(times) for times in json.loads(proc.stdout)]
+    return (figures[0], figures[1]) if baseline else figures[0]
+
+
+def _figures(seconds: list[float]) -> dict[str, Any]:
+    ms = sorted(t * 1000 for t in seconds)
+    return {"runs": len(ms), "p50_ms": _r(percentile(ms, 50)), "min_ms": _r(ms[0]), "p90_ms": _r(percentile(ms, 90)),
             "max_ms": _r(ms[-1])}
 
 
@@ -415,11 +432,21 @@ def measure(lab: BenchLab, ctx: Context, args: argparse.Namespace) -> dict[str, 
     out["install_seconds"] = round(install(lab, state, args.installed, warm), 1)
     if "cli" in parts:
         _ok(run_env(lab, _cli(state, "lobby", "create", "cli", "--open", "--max-clients", "65535"), warm))
-        cli_wall(lab, state, 2, warm, "cli")  # fills the bytecode cache
-        out["cli_map_add"] = cli_wall(lab, state, args.cli_runs, warm, "cli")
+        cli_wall(lab, state, 2, warm, "cli", baseline=args.baseline)  # fills the bytecode cache
+        version = _cli(state, "--version")
+        if args.baseline:  # this checkout against another, in turns (so both under the same load)
+            out["cli_map_add"], out["baseline_cli_map_add"] = cli_wall(lab, state, args.cli_runs, warm, "cli",
+                                                                       baseline=args.baseline)
+        else:
+            out["cli_map_add"] = cli_wall(lab, state, args.cli_runs, warm, "cli")
         out["cli_map_add_no_bytecode_cache"] = cli_wall(lab, state, max(5, args.cli_runs // 3), cold, "cli")
         # The floor on this machine: the interpreter, typer and natctl's command line, no work at all.
-        out["cli_version"] = cli_wall(lab, state, args.cli_runs, warm, "cli", _cli(state, "--version"))
+        if args.baseline:
+            out["cli_version"], out["baseline_cli_version"] = cli_wall(lab, state, args.cli_runs, warm, "cli", version,
+                                                                       args.baseline)
+            out["baseline"] = args.baseline
+        else:
+            out["cli_version"] = cli_wall(lab, state, args.cli_runs, warm, "cli", version)
     if parts & {"control", "registration", "log"}:
         _daemon_parts(lab, ctx, state, args, parts, out)
     run(["nft", "delete", "table", "inet", "natctl"], ns=lab.relay_ns, check=False)
@@ -492,7 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-seconds", type=float, default=3.0)
     ap.add_argument("--parts", default="cli,control,registration,log", help="which figures to measure")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the CLI of the natctl package in DIR (e.g. "
+                    "'git archive HEAD natctl | tar -x -C DIR'), in turns with this checkout's: baseline_cli_*")
     args = ap.parse_args(argv)
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
+        if not os.path.isfile(os.path.join(args.baseline, "natctl", "__init__.py")):
+            ap.error(f"--baseline {args.baseline}: no natctl package there")
     with tempfile.TemporaryDirectory(prefix="natctl-reliability-") as tmp, benchlab.session() as lab:
         result = measure(lab, Context(tmp), args)
     result["command"] = "sudo .venv/bin/python -m bench.reliability " + " ".join(argv if argv is not None else sys.argv[1:])

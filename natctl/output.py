@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -10,6 +9,8 @@ from typing import Any
 
 
 def emit_json(obj: Any) -> None:
+    import json
+
     from natctl.views import as_json
 
     json.dump(as_json(obj), sys.stdout, indent=2, sort_keys=True)

@@ -4,6 +4,8 @@ A command costs what it needs: each module imports what only some commands
 use (rich, pyroute2, the daemon, the GMs' VPN, the nftables binding) inside
 the functions that use it, and typer's pydantic coercion is skipped for the
 plain text and flag options natctl declares (tests/unit/test_imports.py pins both).
+What scripts run most (``map add``, ``map remove``) is run without typer at all
+when its command line is plain (natctl.cli.direct); typer has the rest.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from natctl.cli.app import app
-from natctl.cli.lazy import metavars
+from natctl.cli import direct
 from natctl.errors import NatctlError
 
 # Annotations whose values click already hands over as they are: typer would build a pydantic
@@ -53,6 +54,9 @@ def command() -> Any:
     """natctl's click command, ready to run."""
     import typer.main
 
+    from natctl.cli.app import app
+    from natctl.cli.lazy import metavars
+
     cmd = typer.main.get_command(app)
     metavars(cmd)
     _plain_values()
@@ -61,9 +65,10 @@ def command() -> Any:
 
 def main() -> None:
     """Entry point: one line on stderr and a non-zero exit for every known failure."""
-    cmd = command()
     try:
-        cmd(prog_name="natctl")
+        if direct.run(sys.argv[1:]):
+            return
+        command()(prog_name="natctl")
     except NatctlError as err:
         print(f"natctl: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -10,7 +10,6 @@ import typer
 from natctl import __version__
 from natctl.cli.common import JsonOpt, say, service
 from natctl.cli.lazy import LazyGroup
-from natctl.model import format_duration
 from natctl.output import emit_json, table
 
 app = typer.Typer(rich_markup_mode=None, cls=LazyGroup,
@@ -40,6 +39,8 @@ def root(
                                                     "default route's interface)", show_default=False)] = None,
     ports: Annotated[Optional[str], typer.Option(metavar="LOW-HIGH", help="Relay port range LOW-HIGH. (default: 20000-29999)",
                                                  show_default=False)] = None,
+    store: Annotated[Optional[str], typer.Option(metavar="URL", help="A fleet's shared store, postgresql://... "
+                                                 "(default: the SQLite file at --state)", show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option(metavar="PATH", help="Config file. (default: /etc/natctl/natctl.toml)",
                                                   show_default=False)] = None,
     accel: Annotated[Optional[str], typer.Option(metavar="MODE", help="XDP accelerator: xdp, none or auto (XDP when the "
@@ -53,7 +54,7 @@ def root(
 ) -> None:
     """Settings come from the config file, then NATCTL_* variables, then these options."""
     ctx.obj = ctx.obj or {}
-    ctx.obj["overrides"] = {"state": state, "relay_ip": relay_ip, "ports": ports, "accel": accel,
+    ctx.obj["overrides"] = {"state": state, "store": store, "relay_ip": relay_ip, "ports": ports, "accel": accel,
                             "interface": interface, "adopt": True if adopt else None}
     ctx.obj["config"] = config
 
@@ -86,6 +87,7 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     fwds = svc.forwards(counters=True)
     lobbies = svc.lobbies()
     from natctl.cli import doctor
+    from natctl.model import format_duration
     from natctl.views import cell
 
     failing = doctor.failing(svc.settings)

@@ -8,44 +8,43 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from natctl import config
+from natctl.cli import direct
 
 if TYPE_CHECKING:
+    from natctl.config import Settings
     from natctl.service import Service
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts (stable keys, see README).")]
 NoApplyOpt = Annotated[bool, typer.Option("--no-apply", help="Change the store only; 'natctl apply' installs later.")]
 
 
-def settings(ctx: typer.Context, **extra: Any) -> config.Settings:
+def settings(ctx: typer.Context, **extra: Any) -> Settings:
     """Settings from the config file, NATCTL_* variables, global options and ``extra`` (a command's own).
 
     Tables' options (``natctl gm --subnet ...``) are kept in ``obj["tables"]`` by their group's callback."""
-    obj: dict[str, Any] = ctx.find_root().obj
-    return config.load({**obj["overrides"], **extra}, obj.get("config"), tables=obj.get("tables"))
+    return direct.settings(shared(ctx), **extra)
+
+
+def shared(ctx: typer.Context) -> dict[str, Any]:
+    """What the commands of one invocation share (natctl.cli.direct): the root context's obj, the global
+    options in it; a service built there is closed with the root context."""
+    root = ctx.find_root()
+    obj: dict[str, Any] = root.obj
+    if "natctl.close" not in root.meta:  # once per invocation
+        root.meta["natctl.close"] = True
+        root.call_on_close(lambda: direct.close(obj))
+    return obj
 
 
 def service(ctx: typer.Context) -> Service:
     """One Service per invocation, built on first use from the global options."""
-    obj: dict[str, Any] = ctx.find_root().obj
-    if "service" not in obj:
-        from natctl.service import Service
-
-        obj["service"] = Service(settings(ctx), kernel_factory=obj.get("kernel_factory"))
-        ctx.find_root().call_on_close(obj["service"].close)
-    return obj["service"]
+    return direct.service(shared(ctx))
 
 
 def through_daemon(ctx: typer.Context, op: str, no_apply: bool = False, **fields: Any) -> tuple[bool, Any]:
-    """Hand a change to the running daemon (its control socket, natctl.daemon.control) when one serves this
-    store with these settings: (True, the result it made, as --json prints it). Else (False, None): nothing
-    was changed, and the command makes the change itself, as without a daemon. Same errors either way."""
-    obj: dict[str, Any] = ctx.find_root().obj
-    if no_apply or obj.get("kernel_factory") is not None or obj["overrides"].get("adopt"):
-        return False, None
-    from natctl.daemon.control_client import through_daemon as call
-
-    return call(settings(ctx), op, {k: v for k, v in fields.items() if v is not None})
+    """Hand a change to the running daemon when one serves this store with these settings (see
+    natctl.cli.direct.through_daemon): (True, its result), or (False, None) and the command makes it itself."""
+    return direct.through_daemon(shared(ctx), op, no_apply, **fields)
 
 
 def say(text: str) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterable, Sequence
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TextIO
 
 import typer
 
-from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, through_daemon, warn
+from natctl.cli import direct
+from natctl.cli.common import JsonOpt, NoApplyOpt, say, service, shared, warn
 from natctl.errors import UsageError
-from natctl.model import MappingLine, parse_endpoint, parse_mapping_line, parse_proto
+from natctl.model import MappingLine, parse_mapping_line
 from natctl.output import emit_json, table
 
 if TYPE_CHECKING:
@@ -55,21 +55,7 @@ def add(
         return
     if create_lobbies:
         raise UsageError("--create-lobbies goes with --from", "name a file of mappings with --from FILE")
-    lobby, host, client = _required(lobby=lobby, host=host, client=client)
-    done, made = through_daemon(ctx, "map.add", no_apply, lobby=lobby, host=host, client=client, proto=proto)
-    rows: list[Any]
-    if done:  # the same records, as JSON: one mapping, or a list of them
-        rows = [SimpleNamespace(**m) for m in (made if isinstance(made, list) else [made])]
-    else:
-        rows = service(ctx).map_add(lobby, parse_endpoint(host), [parse_endpoint(c) for c in client],
-                                    parse_proto(proto), apply=not no_apply)
-    if as_json:
-        emit_json(made if done else rows[0] if len(rows) == 1 else rows)
-        return
-    for m in rows:
-        say(f"{m.proto} {m.client} -> {m.relay_ip}:{m.host_port} reaches host {m.host}; "
-            f"the host sees it as {m.relay_ip}:{m.client_port}")
-        say(f"host_port {m.host_port} client_port {m.client_port}")
+    direct.map_add(shared(ctx), lobby, host, client, proto, as_json, no_apply)  # as scripts run it, no typer
 
 
 @app.command("remove")
@@ -83,11 +69,7 @@ def remove(ctx: typer.Context,
         count = len(_bulk(ctx, from_, remove=True, create_lobbies=False, no_apply=no_apply))
         say(f"removed {count} mapping{'s' if count != 1 else ''} from {_source(from_)}")
         return
-    lobby, client = _required(lobby=lobby, client=client)
-    done, _ = through_daemon(ctx, "map.remove", no_apply, lobby=lobby, client=client, proto=proto)
-    if not done:
-        service(ctx).map_remove(lobby, parse_endpoint(client), parse_proto(proto), apply=not no_apply)
-    say(f"removed {proto} client {client} from lobby {lobby}")
+    direct.map_remove(shared(ctx), lobby, client, proto, no_apply)
 
 
 def _bulk(ctx: typer.Context, path: str, remove: bool, create_lobbies: bool, no_apply: bool) -> Made:
@@ -136,13 +118,6 @@ def _only_from(**given: Any) -> None:
     for name, value in given.items():
         if value is not None:
             raise UsageError(f"--{name} and --from exclude each other", "give the mappings in the file, or without it")
-
-
-def _required(**given: Any) -> Any:
-    for name, value in given.items():
-        if value is None:
-            raise UsageError(f"missing option --{name}", f"pass --{name}, or a file of mappings with --from FILE")
-    return given.values()
 
 
 @app.command("list")

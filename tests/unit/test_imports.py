@@ -88,3 +88,92 @@ def test_the_default_route_is_read_without_rtnetlink():
     )
     assert default_routes(listing) == ["eth0", "eth1"]  # lowest metric first, as the kernel picks
     assert default_routes(listing.splitlines()[0]) == []
+
+
+# --- map add and map remove without typer (natctl.cli.direct)
+
+DIRECT = [
+    ["map", "add", "--lobby", "a", "--host", "198.18.1.2:27015", "--client", "198.18.2.2:40001"],
+    ["map", "add", "--lobby=a", "--host", "198.18.1.2:27015", "--client", "198.18.2.3:40001", "--client=198.18.2.4:40001",
+     "--proto", "udp", "--json"],
+    ["map", "remove", "--lobby", "a", "--client", "198.18.2.2:40001", "--no-apply"],
+]
+
+
+def test_scripts_commands_run_without_typer(tmp_path):
+    """What a script runs most imports neither typer nor its click (natctl.cli.maps runs the same bodies)."""
+    state = str(tmp_path / "s.db")
+    base = ["--state", state, "--relay-ip", "198.18.0.1", "--ports", "20000-20009", "--accel", "none"]
+    imported(RUN, *base, "lobby", "create", "a", "--open")
+    main = RUN.replace(
+        "command().main(sys.argv[1:], prog_name=\"natctl\", obj={\"kernel_factory\": lambda: kernel})",
+        "from natctl.cli import direct\n"
+        "    obj, body, kwargs = direct.parse(sys.argv[1:])\n"
+        "    body({**obj, 'kernel_factory': lambda: kernel}, **kwargs)")  # on the fake kernel
+    assert main != RUN
+    for argv in DIRECT:
+        modules = imported(main, *base, *argv)
+        assert offenders(modules, (*HEAVY, "typer", "click")) == [], argv
+
+
+def test_the_entry_point_takes_the_direct_path_with_the_same_errors(tmp_path):
+    argv = ["--state", str(tmp_path / "s.db"), "--relay-ip", "198.18.0.1", "map", "remove", "--lobby", "a", "--client",
+            "198.18.2.2:40001", "--no-apply"]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "natctl", *argv], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "NATCTL_CONFIG": "/nonexistent"})
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 3 and len(errors) == 1 and errors[0].startswith("natctl: error: no ") and "'a'" in errors[0]
+    assert " typer" not in proc.stderr
+
+
+def test_the_direct_path_takes_only_plain_command_lines():
+    from natctl.cli.direct import parse
+
+    top = ["--state", "/tmp/s.db", "--relay-ip=198.18.0.1", "--adopt"]
+    obj, body, kwargs = parse([*top, "map", "add", "--lobby", "a", "--client", "c1", "--client", "c2", "--lobby", "b",
+                               "--json"])
+    assert body.__name__ == "map_add" and kwargs == {"lobby": "b", "client": ["c1", "c2"], "as_json": True}
+    assert obj == {"overrides": {"state": "/tmp/s.db", "store": None, "relay_ip": "198.18.0.1", "ports": None, "accel": None,
+                                 "interface": None, "adopt": True}, "config": None}
+    for argv in (["--help"], ["--version"], ["map", "add", "--help"], ["map", "add", "-h"], ["map", "list"],
+                 ["map", "add", "--from", "f"], ["map", "add", "--lobby"], ["map", "add", "--lobby", "--json"],
+                 ["map", "add", "--json=1"], ["map", "add", "x"], ["map", "remove", "--client", "c", "--json"],
+                 ["--state", "s", "--adopt=yes", "map", "add"], ["map", "add", "--", "--lobby", "a"],
+                 ["map", "add", "--state", "s"], ["lobby", "create", "a"], ["map"], []):
+        assert parse(argv) is None, argv  # typer's: its help, its errors
+
+
+def _typer_options(command) -> dict[str, tuple[str, str]]:
+    """option -> (parameter name, kind) of a click command, as natctl.cli.direct.Options keeps them."""
+    out = {}
+    for p in command.params:
+        for opt in getattr(p, "opts", ()):
+            if opt.startswith("--"):
+                out[opt] = (p.name, "flags" if p.is_flag else "many" if p.multiple else "values")
+    return out
+
+
+def _direct_options(spec) -> dict[str, tuple[str, str]]:
+    return {o: (name, kind) for kind in ("values", "many", "flags") for o, name in getattr(spec, kind).items()}
+
+
+def test_the_direct_path_knows_the_typer_commands_options():
+    """Each option the direct path takes is the typer command's, with the same parameter and kind (what it does
+    not know, typer gets); and its root obj is the one natctl.cli.app.root makes."""
+    import typer.main
+
+    from natctl.cli import direct
+    from natctl.cli.app import app
+    from natctl.cli.lazy import load
+
+    root = typer.main.get_command(app)
+    assert _direct_options(direct.ROOT).items() <= _typer_options(root).items()
+    for (group, name), (spec, _) in direct.COMMANDS.items():
+        assert _direct_options(spec).items() <= _typer_options(load(group).commands[name]).items(), name
+
+    argv = ["--state", "/tmp/s.db", "--ports", "20000-20009", "--config", "/nonexistent", "--accel", "none",
+            "--interface", "eth9", "--relay-ip", "198.18.0.1", "--adopt"]
+    ctx = root.make_context("natctl", [*argv, "map", "list"])
+    with ctx:
+        ctx.invoke(root.callback, **ctx.params)
+        assert direct.parse([*argv, "map", "remove", "--lobby", "a", "--client", "c"])[0] == ctx.obj
