@@ -133,19 +133,19 @@ class Fleet:
         return None
 
     def _move(self, store: Store, lobby_id: int, target: str) -> None:
-        """Place a lobby on ``target``: its host keeps its relay port when that is free there, else gets one;
-        its clients keep theirs unless one is a host port there (then they are admitted again there)."""
-        rows = self.rows
+        """Place a lobby on ``target``: its host keeps its relay port when that is free there, else gets one.
+
+        Its clients go: each is admitted again at its first packet to the new relay, with the host opening
+        its NAT toward it first (registration v2), as after any host move. Kept, they would be forwarded
+        to a host whose router never saw the new relay's client ports and drops what comes from them."""
         host = store.host(lobby_id)
         port = None
         if host is not None:
-            taken = set(store.host_ports(target))
             port = host.relay_port
-            if port in taken or port in set(store.client_port_numbers(target)):
+            if store.is_host_port(port, target) or port in set(store.client_port_numbers(target)):
                 port = self.rec.allocator(store, relay=target).host_port()
-            clash = [c.id for c in store.clients(lobby_id) if c.relay_port in taken | {port}]
-            store.remove_clients(clash)
-        rows.move_lobby(lobby_id, target, port)
+        store.remove_clients(c.id for c in store.clients(lobby_id))
+        self.rows.move_lobby(lobby_id, target, port)
 
     def failover(self, dead: list[str]) -> list[Moved]:
         """Mark these relays dead (their heartbeats stopped, as the daemon watched them) and move their lobbies."""

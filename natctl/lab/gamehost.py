@@ -16,9 +16,11 @@ from natctl.daemon.client import HostSession
 
 
 class GameHost:
-    def __init__(self, sock: socket.socket, relay: tuple[str, int], token: str, version: int = 2) -> None:
+    def __init__(self, sock: socket.socket, relay: tuple[str, int], token: str, version: int = 2,
+                 **session: float) -> None:
+        """``session``: HostSession's timers (keepalive, retry), shorter in a fleet's failover tests."""
         self.sock = sock
-        self.session = HostSession(sock, relay, token, version)
+        self.session = HostSession(sock, relay, token, version, **session)
         self.inbox: queue.Queue[tuple[bytes, tuple[str, int]]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -200,14 +200,24 @@ class Postgres:
 @contextmanager
 def throwaway(tcp: bool = False, base: str = "/tmp") -> Iterator[Postgres]:
     """A running server with an empty ``natctl`` database; stopped and removed on exit."""
+    pg = launch(tcp, base)
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def launch(tcp: bool = False, base: str = "/tmp") -> Postgres:
+    """A running server with an empty ``natctl`` database; the caller closes it (``throwaway`` does)."""
     pg = Postgres(tcp=tcp, base=base)
     try:
         pg.init()
         pg.start()
         pg.sql(f"CREATE DATABASE {DATABASE}")
-        yield pg
-    finally:
+    except BaseException:
         pg.close()
+        raise
+    return pg
 
 
 def main(argv: list[str] | None = None) -> int:
