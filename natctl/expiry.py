@@ -23,7 +23,7 @@ def cleanup(rec: Reconciler, apply: bool = True) -> dict[str, list]:
         for f in forwards:
             txn.store.remove_forward(f.port)
     idle = expire_idle(rec, apply) if apply else []
-    lans = _lans(rec) if apply else {"lans": [], "members": []}
+    lans = _lans(rec) if apply and not rec.store.fleet else {"lans": [], "members": []}
     return {"lobbies": [lb.name for lb in lobbies], "forwards": [f.port for f in forwards], "idle": idle, **lans}
 
 

@@ -85,6 +85,7 @@ class GmService:
     @property
     def gms(self) -> GmStore:
         if self._gms is None:
+            self.rec.own_store("game masters' VPN")
             self._gms = GmStore(self.rec.store)
         return self._gms
 

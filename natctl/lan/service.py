@@ -117,6 +117,7 @@ class LanService:
     @property
     def rows(self) -> LanStore:
         if self._rows is None:
+            self.rec.own_store("virtual LANs")
             self._rows = LanStore(self.rec.store)
         return self._rows
 

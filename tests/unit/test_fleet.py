@@ -180,3 +180,41 @@ def test_placement_and_outbox_rows_are_pure():
     assert compose(planner.Changes(add=(e,)), planner.Changes(delete=(e,))) == planner.Changes()
     assert compose(planner.Changes(delete=(e,)), planner.Changes(add=(e,))) == planner.Changes()
     assert compose(ch, planner.Changes(add=(e,), delete=(f,))) == planner.Changes()
+
+
+def test_two_relays_that_see_one_death_move_its_lobbies_once(fleet):
+    eu1 = fleet["eu-1"]
+    for i in range(3):
+        eu1.lobby_create(f"l{i}", open_=True, relay="eu-1")
+    first = Fleet(fleet["eu-2"].rec).failover(["eu-1"])
+    second = Fleet(fleet["us-1"].rec).failover(["eu-1"])  # it saw the same silence: nothing left to move
+    assert len(first) == 3 and second == []
+    assert {v.relay for v in eu1.lobbies()} == {"eu-2"}
+
+
+def test_a_read_only_database_refuses_changes_in_one_line_and_keeps_everything(fleet, pg_db):
+    eu1 = fleet["eu-1"]
+    eu1.lobby_create("a", open_=True, relay="eu-1")
+    pg_db.server.sql(f"ALTER DATABASE {pg_db.name} SET default_transaction_read_only = on")
+    kernel = FakeKernel()
+    ro = Service(replace(eu1.settings), kernel_factory=lambda: kernel)  # a new connection: read-only
+    try:
+        with pytest.raises(NatctlError, match="cannot be written") as err:
+            ro.lobby_create("b", open_=True)
+        assert err.value.exit_code == 8 and "\n" not in str(err.value)
+        assert [v.name for v in ro.lobbies()] == ["a"] and kernel.installed.elements == frozenset()
+    finally:
+        ro.close()
+        pg_db.server.sql(f"ALTER DATABASE {pg_db.name} SET default_transaction_read_only = off")
+
+
+def test_per_relay_features_say_so_on_a_fleet(fleet):
+    from natctl.gm.service import GmService
+    from natctl.lan.service import LanService
+
+    eu1 = fleet["eu-1"]
+    with pytest.raises(UsageError, match="virtual LANs run on one relay with its own store"):
+        _ = LanService(eu1.rec, kernel=FakeKernel()).rows
+    with pytest.raises(UsageError, match="game masters' VPN run on one relay"):
+        _ = GmService(eu1.rec).gms
+    assert eu1.cleanup()["lans"] == []  # the daemon's cleanup does not trip over them
