@@ -380,6 +380,12 @@ class Reconciler:
             return planner.plan(Snapshot(self.relay_ip, forwards=(fwd,) if fwd else ()), None, self.kernel.owns)
         return scope
 
+    def own_store(self, feature: str) -> None:
+        """Refuse a per-relay feature on a fleet's shared store (its rows do not say which relay they are for)."""
+        if self.store.fleet:
+            raise UsageError(f"{feature} run on one relay with its own store, not on a fleet's shared one",
+                             "use them on a relay whose store is its SQLite file (leave store unset there)")
+
     def place(self, store: Store, region: str | None = None, relay: str | None = None) -> str:
         """The relay a new lobby goes to (natctl.fleet.model.place): "" on one relay, where --region and
         --relay mean nothing."""
