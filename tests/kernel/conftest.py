@@ -40,6 +40,16 @@ def relay(lab: topology.Lab, tmp_path) -> Iterator[Cli]:
             run(["conntrack", "-F"], ns=router, check=False)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, monkeypatch, relay: Cli) -> str:
+    """A module that asks for it runs each test on both store engines: the relay's SQLite file, and a fresh
+    PostgreSQL database where the relay is a fleet of one (the CLI and the daemon read NATCTL_STORE)."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("NATCTL_STORE", request.getfixturevalue("pg_db").url)
+        relay("relay", "join", "--region", "lab", "--name", "lab-relay")
+    return request.param
+
+
 @pytest.fixture
 def socks(lab: topology.Lab) -> Iterator[dict]:
     """A game socket per lab member; each says hello to the relay, as registering does."""

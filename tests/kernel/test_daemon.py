@@ -18,7 +18,7 @@ from natctl.lab.netns import natctl_argv, run
 from natctl.lab.traffic import collect, drain
 from support.serve import REG, Daemon, host_lobby
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 
 
 @pytest.fixture
@@ -221,6 +221,7 @@ def test_install_units(tmp_path, relay):
 FLOATING = "198.18.0.9"  # a routed (floating) public IP on the relay's lo, beside eth0's own address
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # its relay IP changes: a fleet member re-joins
 def test_a_relay_ip_on_lo_answers_from_itself_through_masquerading_routers(lab, relay, daemon, game, monkeypatch):
     """The host's router is stock masquerade: it lets in only what comes from the exact address and port the
     host sent to. Registration answers, OPENs and the held packets must leave from FLOATING, not eth0's."""

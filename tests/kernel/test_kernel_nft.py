@@ -15,7 +15,7 @@ from natctl.lab.traffic import drain
 from support import labs
 from support.scenarios import add, lobbies_isolated, pub, udp_both_ways
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 # Hand-made mappings: the lab's home routers are cones here (see support.labs.cone_lab for why).
 lab = pytest.fixture(scope="module", name="lab")(labs.cone_lab)
 
