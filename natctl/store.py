@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS relays (
   joined REAL NOT NULL,
   heartbeat REAL NOT NULL,
   mappings INTEGER NOT NULL DEFAULT 0,
-  packets INTEGER NOT NULL DEFAULT 0,
+  packets INTEGER NOT NULL DEFAULT 0,  -- its kernel's packet count, as cleanup last read it
+  packets_at REAL NOT NULL DEFAULT 0,  -- when that count last moved
   pps REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (

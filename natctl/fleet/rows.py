@@ -51,8 +51,8 @@ class FleetRows:
 
     def add_relay(self, name: str, ip: str, region: str, capacity: int, registration_port: int) -> Relay:
         now = self.now()
-        self.db.execute(f"INSERT INTO relays ({_COLUMNS}) VALUES (?,?,?,?,?,'live',?,?,0,0,0)",
-                        (name, ip, region, capacity, registration_port, now, now))
+        self.db.execute(f"INSERT INTO relays ({_COLUMNS}, packets_at) VALUES (?,?,?,?,?,'live',?,?,0,0,0,?)",
+                        (name, ip, region, capacity, registration_port, now, now, now))
         relay = self.relay(name)
         assert relay is not None
         return relay
@@ -65,15 +65,20 @@ class FleetRows:
     def set_state(self, name: str, state: str) -> None:
         self.db.execute("UPDATE relays SET state=? WHERE name=?", (state, name))
 
-    def heartbeat(self, name: str, mappings: int, packets: int) -> Relay | None:
-        """This relay is alive; its load as its kernel counts it (pps from the packets since the last beat).
-        A relay marked dead that beats again comes back live, with none of its old lobbies."""
+    def heartbeat(self, name: str, mappings: int, packets: int, quiet_after: float) -> Relay | None:
+        """This relay is alive; its load as its kernel counts it. The count moves when cleanup reads the
+        counters (every cleanup interval): packets/s is its last move over the time since the one before,
+        and 0 once it has not moved for ``quiet_after`` seconds. A relay marked dead that beats again comes
+        back live, with none of its old lobbies."""
         r = self.db.execute(
-            "UPDATE relays SET pps = CASE WHEN packets > 0 AND ? >= packets "
-            "  THEN (? - packets) / GREATEST(extract(epoch FROM clock_timestamp()) - heartbeat, 0.001) ELSE 0 END, "
-            "mappings=?, packets=?, heartbeat=extract(epoch FROM clock_timestamp()), "
-            "state = CASE WHEN state='dead' THEN 'live' ELSE state END "
-            f"WHERE name=? RETURNING {_COLUMNS}", (packets, packets, mappings, packets, name)).fetchone()
+            "WITH t AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+            "UPDATE relays SET "
+            "pps = CASE WHEN ? > packets AND packets_at > 0 THEN (? - packets) / GREATEST(t.now - packets_at, 0.001) "
+            "           WHEN ? = packets AND t.now - packets_at > ? THEN 0 ELSE pps END, "
+            "packets_at = CASE WHEN ? <> packets THEN t.now ELSE packets_at END, "
+            "mappings=?, packets=?, heartbeat=t.now, state = CASE WHEN state='dead' THEN 'live' ELSE state END "
+            f"FROM t WHERE name=? RETURNING {_COLUMNS}",
+            (packets, packets, packets, quiet_after, packets, mappings, packets, name)).fetchone()
         return _relay(r) if r else None
 
     def remove_relay(self, name: str) -> None:

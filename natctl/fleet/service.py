@@ -74,7 +74,9 @@ class Fleet:
         if not store.relay:
             return None
         activity = store.activity()
-        return self.rows.heartbeat(store.relay, len(activity), sum(count for count, _ in activity.values()))
+        quiet_after = 2.5 * self.rec.settings.cleanup_interval
+        return self.rows.heartbeat(store.relay, len(activity), sum(count for count, _ in activity.values()),
+                                   quiet_after)
 
     def drain(self, name: str) -> list[Moved]:
         """Take no new lobbies on ``name``, and move its open lobbies to the other live relays."""

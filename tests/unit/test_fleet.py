@@ -218,3 +218,14 @@ def test_per_relay_features_say_so_on_a_fleet(fleet):
     with pytest.raises(UsageError, match="game masters' VPN run on one relay"):
         _ = GmService(eu1.rec).gms
     assert eu1.cleanup()["lans"] == []  # the daemon's cleanup does not trip over them
+
+
+def test_load_is_counted_from_the_kernel_counters_cleanup_keeps(fleet, monkeypatch):
+    eu1 = fleet["eu-1"]
+    f = Fleet(eu1.rec)
+    counts = iter([(0, 0.0), (0, 0.0), (600, 0.0), (600, 0.0)])
+    monkeypatch.setattr(eu1.store, "activity", lambda: {1: next(counts), 2: (0, 0.0)})
+    assert (f.beat().mappings, f.beat().pps) == (2, 0)
+    moved = f.beat()  # the count moved by 600 since it was last seen moving (at the join)
+    assert moved.packets == 600 and moved.pps == pytest.approx(600 / (moved.heartbeat - moved.joined), rel=0.05)
+    assert f.beat().pps == moved.pps  # unchanged between cleanups: the last rate stands
