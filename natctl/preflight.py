@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from natctl.config import Settings
 from natctl.errors import ForwardingOff, NatctlError
@@ -42,6 +42,13 @@ class Facts:
     nft_nat: bool | None = None  # the kernel takes nftables nat chains (None: nft could not be asked)
     relay_ip: str = ""
     relay_ip_local: bool | None = None
+    # A fleet's relay (store = "postgresql://..."); all empty on one relay with its own SQLite store.
+    store: str = ""  # the store's URL without its password
+    store_error: str = ""  # why it could not be reached ("" when it answered)
+    member: str = ""  # this relay's name in the fleet ("" when its relay IP has not joined)
+    member_state: str = ""
+    heartbeat_age: float | None = None  # seconds since its last heartbeat, by the database's clock
+    dead_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class Check:
 
 def evaluate(f: Facts) -> list[Check]:
     """Every check, in the order a person would fix them."""
-    return [_forwarding(f), _at_boot(f), _rp_filter(f), *_modules(f), _relay_ip(f)]
+    return [_forwarding(f), _at_boot(f), _rp_filter(f), *_modules(f), _relay_ip(f), *_fleet(f)]
 
 
 def _forwarding(f: Facts) -> Check:
@@ -116,6 +123,27 @@ def _relay_ip(f: Facts) -> Check:
         return Check("relay ip", False, f"{f.relay_ip} is not an address of this machine: fine for a floating IP "
                      "the provider forwards here; otherwise a typo", "check --relay-ip / relay_ip", fatal=False)
     return Check("relay ip", True, f"{f.relay_ip} is an address of this machine")
+
+
+def _fleet(f: Facts) -> list[Check]:
+    if not f.store:
+        return []
+    if f.store_error:
+        return [Check("store", False, f"{f.store} does not answer: {f.store_error}",
+                      "start the database, or fix the URL, the network or TLS (README: When one VPS is not enough); "
+                      "forwarding goes on meanwhile")]
+    out = [Check("store", True, f"{f.store} answers")]
+    if not f.member:
+        return out + [Check("fleet member", False, f"relay IP {f.relay_ip or '?'} has not joined the fleet",
+                            "natctl relay join --region NAME")]
+    out.append(Check("fleet member", f.member_state != "dead", f"this relay is {f.member} ({f.member_state})",
+                     "start its daemon: it comes back live, and takes new lobbies again"))
+    late = f.heartbeat_age is not None and f.heartbeat_age >= f.dead_after
+    out.append(Check("heartbeat", not late, "no heartbeat yet" if f.heartbeat_age is None else
+                     f"last heartbeat {f.heartbeat_age:.1f} s ago" + (": the others declare it dead and move its lobbies"
+                                                                      if late else ""),
+                     "natctl serve (systemctl start natctl)", fatal=False))
+    return out
 
 
 # --- the adapter: facts from files (under ``root``, a fake one in tests), the route, the table
@@ -226,8 +254,13 @@ def gather(settings: Settings) -> Facts:
     except (NatctlError, OSError):  # no default route: both unknown
         route_if, route_ip = "", ""
     relay_ip = settings.relay_ip or route_ip
-    return read_facts(interface=settings.interface or route_if, relay_ip=relay_ip,
-                      relay_ip_local=local_or_any(relay_ip) == relay_ip if relay_ip else None, nft_nat=nft_nat())
+    facts = read_facts(interface=settings.interface or route_if, relay_ip=relay_ip,
+                       relay_ip_local=local_or_any(relay_ip) == relay_ip if relay_ip else None, nft_nat=nft_nat())
+    if settings.store:
+        from natctl.fleet.service import facts as fleet_facts
+
+        facts = replace(facts, **fleet_facts(settings, relay_ip))
+    return facts
 
 
 def ensure_forwarding(settings: Settings, root: str = "/") -> None:

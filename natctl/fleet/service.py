@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from natctl.config import Settings
 from natctl.errors import Conflict, Exhausted, NatctlError, NotFound
 from natctl.fleet.model import DEAD, DRAINING, LIVE, Relay, check_name, place
 from natctl.fleet.rows import FleetRows
@@ -172,3 +173,24 @@ class Fleet:
                 raise Conflict(f"relay {name!r} still holds open lobbies", f"drain it first: natctl relay drain {name}")
             rows.remove_relay(name)
 
+
+
+def facts(settings: Settings, relay_ip: str) -> dict[str, object]:
+    """What natctl doctor checks of a fleet's relay (natctl.preflight.Facts' fleet fields); never fails."""
+    from natctl.db import redact
+
+    out: dict[str, object] = {"store": redact(settings.store), "dead_after": settings.fleet.dead_after}
+    try:
+        store = Store(settings.store, timeout=min(settings.lock_timeout, 3.0))
+    except NatctlError as err:
+        return {**out, "store_error": err.message.rsplit("(", 1)[-1].rstrip(")") or err.message}
+    try:
+        rows = FleetRows(store)
+        me = rows.relay_at(relay_ip) if relay_ip else None
+        if me is not None:
+            out.update(member=me.name, member_state=me.state, heartbeat_age=max(0.0, rows.now() - me.heartbeat))
+    except NatctlError as err:
+        out["store_error"] = err.message
+    finally:
+        store.close()
+    return out

@@ -229,3 +229,24 @@ def test_load_is_counted_from_the_kernel_counters_cleanup_keeps(fleet, monkeypat
     moved = f.beat()  # the count moved by 600 since it was last seen moving (at the join)
     assert moved.packets == 600 and moved.pps == pytest.approx(600 / (moved.heartbeat - moved.joined), rel=0.05)
     assert f.beat().pps == moved.pps  # unchanged between cleanups: the last rate stands
+
+
+def test_doctor_checks_the_store_the_membership_and_the_heartbeat(fleet):
+    from natctl.fleet.service import facts
+    from natctl.preflight import Facts, evaluate
+
+    def fleet_checks(settings, ip):
+        return {c.name: c for c in evaluate(Facts(relay_ip=ip, **facts(settings, ip)))
+                if c.name in ("store", "fleet member", "heartbeat")}
+
+    eu1 = fleet["eu-1"]
+    Fleet(eu1.rec).beat()
+    checks = fleet_checks(eu1.settings, "198.18.0.1")
+    assert [(n, c.status) for n, c in checks.items()] == [("store", "pass"), ("fleet member", "pass"),
+                                                          ("heartbeat", "pass")]
+    assert "eu-1 (live)" in checks["fleet member"].detail
+    stranger = fleet_checks(eu1.settings, "198.18.0.77")
+    assert stranger["fleet member"].status == "fail" and "relay join" in stranger["fleet member"].fix
+    gone = replace(eu1.settings, store="postgresql:///natctl?host=/nonexistent-dir&user=postgres")
+    down = fleet_checks(gone, "198.18.0.1")
+    assert list(down) == ["store"] and down["store"].status == "fail" and "start the database" in down["store"].fix
