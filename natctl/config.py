@@ -84,7 +84,6 @@ class FleetSettings:
     heartbeat: float = 2.0  # seconds between a relay daemon's heartbeats (and its safety-net checks)
     dead_after: float = 10.0  # seconds without a heartbeat before a relay is dead and its lobbies move
     failover: str = "region"  # where a dead relay's lobbies go: a live relay of its region, or "any" relay
-    reconcile: float = 60.0  # seconds between full reconciles, the safety net under LISTEN/NOTIFY
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,6 @@ FLEET_PARSERS: dict[str, Any] = {
     "heartbeat": _seconds("heartbeat"),
     "dead_after": _seconds("dead_after"),
     "failover": _choice(("region", "any"), "failover"),
-    "reconcile": _seconds("reconcile interval"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from natctl.config import Settings
 from natctl.errors import Conflict, Exhausted, NatctlError, NotFound
@@ -175,11 +176,11 @@ class Fleet:
 
 
 
-def facts(settings: Settings, relay_ip: str) -> dict[str, object]:
+def facts(settings: Settings, relay_ip: str) -> dict[str, Any]:
     """What natctl doctor checks of a fleet's relay (natctl.preflight.Facts' fleet fields); never fails."""
     from natctl.db import redact
 
-    out: dict[str, object] = {"store": redact(settings.store), "dead_after": settings.fleet.dead_after}
+    out: dict[str, Any] = {"store": redact(settings.store), "dead_after": settings.fleet.dead_after}
     try:
         store = Store(settings.store, timeout=min(settings.lock_timeout, 3.0))
     except NatctlError as err:

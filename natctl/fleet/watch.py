@@ -2,7 +2,8 @@
 
 - LISTEN/NOTIFY wakes it as soon as another relay (or an operator's command) leaves a change in
   its outbox; every ``heartbeat`` seconds it also looks by itself (a lost notification waits no
-  longer than that), and every ``reconcile`` seconds it reconciles in full, the safety net.
+  longer than that). The daemon's own full reconcile (every 10 minutes) repairs any other drift.
+  No full reconcile here: it would hold the fleet's one write lock for as long as it reads the kernel.
 - A relay is declared dead when this daemon has itself watched its heartbeat stand still for
   ``dead_after`` seconds of its own monotonic clock while the database answered. So relays whose
   clocks disagree, and a database that was down for everyone (every heartbeat stale when it comes
@@ -40,19 +41,21 @@ class Watch:
         self.listener: Any = None
         self._fd = -1
         self.down_since: float | None = None
-        self.next_full = time.monotonic() + self.settings.reconcile
         self.failovers = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
+            next_beat = time.monotonic()
             while not stop.is_set():
                 self._listen()
                 try:
-                    await asyncio.wait_for(self.wake.wait(), self.settings.heartbeat)
+                    await asyncio.wait_for(self.wake.wait(), max(0.0, next_beat - time.monotonic()))
                 except TimeoutError:
                     pass
-                beat = not self.wake.is_set()  # woken by a NOTIFY: apply it now, beat on schedule
                 self.wake.clear()
+                beat = time.monotonic() >= next_beat  # woken by a NOTIFY: apply it now, beat on schedule
+                if beat:
+                    next_beat = time.monotonic() + self.settings.heartbeat
                 self.tick(beat)
         finally:
             self._unlisten()
@@ -65,11 +68,6 @@ class Watch:
             result = svc.rec.drain()
             if result.added or result.deleted:
                 log("fleet_applied", added=result.added, deleted=result.deleted)
-            if time.monotonic() >= self.next_full:
-                self.next_full = time.monotonic() + self.settings.reconcile
-                full = svc.apply()
-                if full.added or full.deleted:
-                    log("reconciled", added=full.added, deleted=full.deleted, note="the kernel had drifted")
             if beat:
                 self._watch()
             self.daemon.refresh_host_ports()
