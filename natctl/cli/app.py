@@ -144,8 +144,14 @@ def uninstall(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="Leave the lab up after the demo (remove it with Ctrl-C).")] = False,
+    fleet: Annotated[bool, typer.Option("--fleet", help="Three relays on one throwaway PostgreSQL instead: "
+                                        "placement, one relay killed, the database stopped.")] = False,
 ) -> None:
     """Build a lab of network namespaces, relay real UDP and TCP through it, check every byte, clean up."""
+    if fleet:
+        from natctl.demo_fleet import main as fleet_demo
+
+        raise typer.Exit(fleet_demo(keep=keep))
     from natctl.demo import main
 
     raise typer.Exit(main(keep=keep))

@@ -8,17 +8,28 @@ after a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from natctl.daemon import wire
+from natctl.kernel.nft import parse_listing
 from natctl.lab import topology
+from natctl.lab.gamehost import GameHost
 from natctl.lab.netns import natctl_argv, run
 from natctl.lab.postgres import Postgres, launch
 from natctl.lab.serve import Daemon
+from natctl.lab.traffic import udp_socket
+from natctl.lab.xdp import detach_all
+from natctl.plan import DNAT, Element
+
+REG = 8809  # every relay's registration port
 
 
 @dataclass
@@ -60,17 +71,23 @@ class FleetLab:
             r.daemon.start()
 
     def kill(self, relay: Relay) -> None:
-        """The relay dies: its daemon is killed and its kernel table is gone (as after a crash and reboot)."""
+        """The relay dies: its daemon is killed and its kernel table is gone (as after a crash and reboot), and
+        its XDP program too, which outlives the daemon and would go on forwarding established flows."""
         relay.daemon.kill()
         run(["nft", "delete", "table", "inet", "natctl"], ns=relay.ns, check=False)
+        detach_all(relay.ns, "eth0")  # every relay of the lab has one interface, eth0
 
     def mappings(self, relay: Relay) -> int:
         """DNAT elements in a relay's kernel (two per mapping)."""
-        out = run(["nft", "-j", "list", "map", "inet", "natctl", "dnat4"], ns=relay.ns, check=False)
+        return len(self.dnat(relay))
+
+    def dnat(self, relay: Relay) -> set[Element]:
+        """The DNAT elements in a relay's kernel: two per mapping, keyed by the client's address and by the
+        host's (key: sender IP, proto, sender port, relay port)."""
+        out = run(["nft", "-j", "list", "map", "inet", "natctl", DNAT], ns=relay.ns, check=False)
         if out.returncode != 0:
-            return 0
-        doc = json.loads(out.stdout)
-        return sum(len(x["map"].get("elem", [])) for x in doc["nftables"] if "map" in x)
+            return set()
+        return {e for e in parse_listing(json.loads(out.stdout)).elements if e.set == DNAT}
 
     def close(self) -> None:
         for r in self.relays:
@@ -114,3 +131,106 @@ def wait_for(what: str, check: Any, seconds: float = 20.0, every: float = 0.05) 
             raise AssertionError(f"{what}: not within {seconds:g} s")
         time.sleep(every)
     return time.monotonic() - start
+
+
+class Echo:
+    """A game host that echoes every game datagram, registered with the reference client (v3: it follows
+    the relay its lobby lives on, and goes home when keepalives stop)."""
+
+    def __init__(self, ns: str, home: str, token: str, port: int = 27015, keepalive: float = 1.0,
+                 retry: float = 0.3) -> None:
+        self.host = GameHost(udp_socket(ns, port=port), (home, REG), token, version=3, keepalive=keepalive,
+                             retry=retry)
+        self.registered: dict[str, float] = {}  # relay IP -> when it first acknowledged a registration (monotonic)
+        handle = self.host.session.handle
+
+        def spy(data: bytes, src: tuple[str, int]) -> bool:
+            with contextlib.suppress(wire.WireError):
+                if src[1] == REG and wire.decode_reply(data)[0] == wire.REGISTERED:
+                    self.registered.setdefault(src[0], time.monotonic())
+            return handle(data, src)
+
+        self.host.session.handle = spy  # type: ignore[method-assign]
+        self.relay_ip, self.port = self.host.start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where players send: the relay and port its last registration reply named."""
+        s = self.host.session
+        return s.relay_ip or self.relay_ip, s.host_port or self.port
+
+    def _loop(self) -> None:
+        self.host.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data, src = self.host.recvfrom()
+            except TimeoutError:
+                continue
+            self.host.sendto(data, src)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.host.close()
+
+
+def echoed(sock: socket.socket, to: tuple[str, int], data: bytes, tries: int = 3, wait: float = 0.5) -> bool:
+    """Send ``data`` to ``to`` until the same bytes come back from there."""
+    sock.settimeout(wait)
+    for _ in range(tries):
+        sock.sendto(data, to)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                got, src = sock.recvfrom(65535)
+            except TimeoutError:
+                break
+            if got == data and src == to:
+                return True
+    return False
+
+
+class Player(threading.Thread):
+    """A player sending a numbered datagram every ``every`` seconds (at most ``most``) to wherever its host's
+    last registration names, as a game's clients follow their host; notes when each was sent, and when and
+    through which relay IP it came back."""
+
+    MAGIC = b"natctl-seq"
+
+    def __init__(self, sock: socket.socket, host: Echo, every: float = 0.02, most: int = 3000) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.host, self.every, self.most = sock, host, every, most
+        self.sent: list[float] = []
+        self.got: dict[int, tuple[float, str]] = {}
+        self.sending, self.stopped = threading.Event(), threading.Event()
+        self.sending.set()
+
+    def run(self) -> None:
+        t0, n = time.monotonic(), len(self.MAGIC)
+        while not self.stopped.is_set():
+            due = t0 + len(self.sent) * self.every
+            if self.sending.is_set() and len(self.sent) < self.most and time.monotonic() >= due:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(self.MAGIC + len(self.sent).to_bytes(4, "big"), self.host.address)
+                self.sent.append(time.monotonic())
+            self.sock.settimeout(max(0.001, t0 + len(self.sent) * self.every - time.monotonic()))
+            with contextlib.suppress(OSError):  # a timeout, or an ICMP error from a dead relay
+                data, src = self.sock.recvfrom(64)
+                if data.startswith(self.MAGIC):
+                    self.got.setdefault(int.from_bytes(data[n:], "big"), (time.monotonic(), src[0]))
+
+    def back_after(self, t: float, via: str) -> float | None:
+        """When the first datagram sent after ``t`` came back through the relay at ``via``."""
+        return min((at for seq, (at, ip) in list(self.got.items()) if self.sent[seq] >= t and ip == via), default=None)
+
+    def lost(self, start: float, end: float = float("inf")) -> int:
+        """Datagrams sent between ``start`` and ``end`` that never came back."""
+        return sum(1 for seq, at in enumerate(self.sent) if start <= at < end and seq not in self.got)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(5)
+        self.sock.close()

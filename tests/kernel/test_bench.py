@@ -6,12 +6,13 @@ packets through each available method in the bench's lab and check they arrived.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from bench import cpu, daemon, forwarding, main, report, stats, tool
+from bench import cpu, daemon, fleet, forwarding, main, report, stats, tool
 from bench import lab as benchlab
 from bench.config import METHOD_NAMES, make_config
 from bench.methods import METHODS, Context
@@ -203,3 +204,33 @@ def test_smoke_daemon_admission_and_flood(blab, tmp_path):
     flood = r["flood"]
     assert flood["sent"] == 2000 and flood["reached_daemon"] <= 400, flood  # a rate-limited few reach it
     assert run(["nft", "list", "table", "inet", "natctl"], ns=blab.relay_ns, check=False).returncode != 0
+
+
+@ROOT_ONLY
+def test_smoke_fleet(tmp_path, capsys):
+    """bench.fleet at its smallest: the report's shape, and figures that hang together."""
+    out = tmp_path / "fleet.json"
+    assert fleet.main(["--placements", "2", "--changes", "4", "--seconds", "10", "--failovers", "1",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == r  # the JSON on stdout too, the table on stderr
+    p = r["placement"]
+    for way in ("cli", "service"):
+        assert p[way]["runs"] == 2 and 0 < p[way]["p50_ms"] <= p[way]["p95_ms"] <= p[way]["max_ms"] < 30_000
+    assert set(p["placed_on"]) <= {"relay1", "relay2"} and sum(p["placed_on"].values()) == 2 * 2 + 1  # region eu
+    one, many = r["changes"]["one_relay"], r["changes"]["fleet"]
+    for c in (one, many):
+        assert c["changes"] == 3 * 4 and c["errors"] == 0 and c["store_agrees"], c
+        assert c["per_second"] > 0 and 0 <= c["drain_lag_max_ms"] < 30_000
+    assert one["remote"] == 0 and set(one["lobbies"].values()) == {"relay1"}
+    assert 0 < many["remote"] < many["changes"] and sorted(many["drain_lag_ms"]) == ["relay1", "relay2", "relay3"]
+    f = r["failover"]
+    (run,) = f["runs"]
+    s = f["settings"]
+    assert run["killed"] == "relay1" and run["moved_to"] == "relay2" and run["lost_before_kill"] == 0
+    # Nobody is declared dead before its heartbeat could have stood still for dead_after (seen up to two beats late).
+    assert s["dead_after_s"] - 2 * s["heartbeat_s"] <= run["dead_s"] <= run["registered_s"] < 40
+    assert run["dead_s"] <= run["echoed_again_s"] < 40
+    # The datagrams of the gap are lost, and only about those: one every player_every_ms until echoed again.
+    assert 0 < run["lost"] <= run["echoed_again_s"] * 1000 / s["player_every_ms"] + 5 and run["lost"] < run["sent"]
+    assert f["median"]["echoed_again_s"] == run["echoed_again_s"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -26,6 +27,18 @@ def test_demo_passes_and_cleans_up():
     assert proc.stdout.count("identical") >= 6  # five UDP datagrams and the TCP download
     assert "Lab removed." in proc.stdout
     assert set(namespaces("")) <= before
+
+
+def test_the_fleet_demo_passes_and_cleans_up():
+    before, databases = set(namespaces("")), set(glob.glob("/tmp/natctl-pg-*"))
+    proc = subprocess.run([sys.executable, "-m", "natctl", "demo", "--fleet"], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every echo arrived intact" in proc.stdout and "LOST" not in proc.stdout
+    assert "20 of 20 datagrams echoed with the database down" in proc.stdout
+    assert re.search(r"lobby a forwards again through relay2, [0-9.]+ s after the kill", proc.stdout)
+    assert "Fleet lab removed." in proc.stdout and set(namespaces("")) <= before
+    assert set(glob.glob("/tmp/natctl-pg-*")) <= databases  # its PostgreSQL went with it
 
 
 def test_ctrl_c_removes_the_lab():
