@@ -186,11 +186,9 @@ class PostgresDb(Db):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        try:
-            conn = self._alive()
-            conn.execute("BEGIN")
-            conn.execute(f"SET LOCAL lock_timeout = '{int(self.timeout * 1000)}ms'")
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        try:  # one round trip: a change costs its queries' round trips, and this is three
+            self._alive().execute(f"BEGIN; SET LOCAL lock_timeout = '{int(self.timeout * 1000)}ms'; "
+                                  f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
         except self.psycopg.Error as err:
             self._rollback()
             raise self.error(err) from None
@@ -200,7 +198,7 @@ class PostgresDb(Db):
             self._rollback()
             raise
         try:
-            conn.execute("COMMIT")
+            self.conn.execute("COMMIT")
         except self.psycopg.Error as err:
             self._rollback()
             raise self.error(err) from None

@@ -71,6 +71,8 @@ class Reconciler:
         self._relay_ip = settings.relay_ip
         # While a fleet change plans its scope: the elements planned, by the relay whose kernel they are for.
         self._collect: dict[str, set[planner.Element]] | None = None
+        self._relay_ips: dict[str, str] = {}  # a fleet's relays' IPs by name (relay_address)
+        self._relay_ips_until = 0.0
         # Once, before the first kernel write: the machine's own kernel must forward. A kernel handed in
         # (tests, the bench) is the caller's business.
         self.preflight: Callable[[Settings], None] | None = ensure_forwarding if kernel_factory is None else None
@@ -199,7 +201,8 @@ class Reconciler:
         try:
             with store.write():
                 # The kernel carries this store's last tag: this store wrote its last change, so it owns it.
-                mirrored = apply and store.generation() is not None and self.kernel.generation() == store.generation()
+                tag_before = store.generation() if apply else None
+                mirrored = tag_before is not None and self.kernel.generation() == tag_before
                 if apply and not mirrored:
                     self.check_owner()  # before any row changes: a full reconcile would undo another store's
                 if apply and mirrored and fleet is not None:
@@ -341,13 +344,26 @@ class Reconciler:
         TTLs are not looked at: what a scope holds goes from the kernel when
         cleanup closes or removes it, exactly as it came in. In a fleet they are
         planned for the relay the lobby is placed on, and sorted by relay."""
-        relay, ip = self.placed(store, lobby_id)
+        snap = store.snapshot_lobby(self.relay_ip, lobby_id, client)
+        relay = snap.lobbies[0].relay if snap.lobbies else (store.relay or "")  # (a closed lobby plans nothing)
+        if store.fleet:
+            snap = replace(snap, relay_ip=self.relay_address(store, relay))
         local = not store.fleet or (relay == store.relay and relay != NOT_A_RELAY)
         sets = self.kernel.owns if local else ALL_SETS
-        elements = planner.plan(store.snapshot_lobby(ip, lobby_id, client), None, sets)
+        elements = planner.plan(snap, None, sets)
         if self._collect is not None:
             self._collect.setdefault(relay, set()).update(elements)
         return elements
+
+    def relay_address(self, store: Store, relay: str) -> str:
+        """A fleet relay's IP, from a cache refreshed every minute (a relay keeps its IP while it has a name)."""
+        now = time.monotonic()
+        if relay not in self._relay_ips or now >= self._relay_ips_until:
+            from natctl.fleet.rows import FleetRows
+
+            self._relay_ips = {r.name: r.ip for r in FleetRows(store).relays()}
+            self._relay_ips_until = now + 60.0
+        return self._relay_ips.get(relay) or self.relay_ip
 
     def placed(self, store: Store, lobby_id: int) -> tuple[str, str]:
         """(relay name, relay IP) of the relay that forwards a lobby ("" and this relay's IP on one relay)."""
