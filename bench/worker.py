@@ -70,7 +70,7 @@ class TimedKernel:
         k0, t = kmem_bytes(self.cgroup), time.perf_counter()
         self.inner.apply(changes)
         s, k1 = time.perf_counter() - t, kmem_bytes(self.cgroup)
-        self.calls.append({"op": "apply", "s": s, "add": list(changes.add), "delete": list(changes.delete),
+        self.calls.append({"op": "apply", "s": s, "add": changes.add, "delete": changes.delete,
                            "kmem": (k1 - k0) if k0 is not None and k1 is not None else None})
 
     def take(self) -> list[dict[str, Any]]:
@@ -137,7 +137,7 @@ def incremental(svc: Service, timed: TimedKernel, host_port: int, lobby: str, ho
             applies = [c for c in calls if c["op"] == "apply"]
             kernel.append(sum(c["s"] for c in applies))
             reads.append(sum(c["s"] for c in calls if c["op"] == "read"))
-            elements = [e for c in applies for e in c["add"] + c["delete"]]
+            elements = [e for c in applies for e in [*c["add"], *c["delete"]]]
             sent.append(len(elements))
             only = only and all(touches(e, addr) or e.set.startswith("host") for e in elements)
         out[path] = {"total_ms": _median_ms(totals), "kernel_apply_ms": _median_ms(kernel),

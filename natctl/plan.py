@@ -8,7 +8,7 @@ from what the kernel holds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -69,8 +69,10 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    add: tuple[Element, ...] = ()
-    delete: tuple[Element, ...] = ()
+    # Tuples, sorted (see diff); a full reconcile's are natctl.packed.PackedElements, which the netlink
+    # writer packs without making an Element of each.
+    add: Sequence[Element] = ()
+    delete: Sequence[Element] = ()
     create_table: bool = False
     # A fresh random tag written to the kernel with the change (and to the store
     # with its commit): when both still hold the same tag, the kernel is known
@@ -153,17 +155,24 @@ def mapping_elements(m: Mapping, relay_ip: str) -> list[Element]:
 def plan(snap: Snapshot, now: float | None, sets: frozenset[str] | None = None) -> frozenset[Element]:
     """Desired kernel elements for a snapshot at time ``now`` (expired things are left out).
 
-    ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map).
+    ``sets`` keeps only the maps a backend owns (nftables alone has no XDP map). A full reconcile plans
+    the same elements as bytes (natctl.packed.plan), without an object per element.
     """
     hosts = live_hosts(snap, now)
+    out = others(snap, now, hosts)
+    for m in mappings(snap, now):
+        out += mapping_elements(m, snap.relay_ip)
+    return frozenset(e for e in out if sets is None or e.set in sets)
+
+
+def others(snap: Snapshot, now: float | None, hosts: dict[int, Host]) -> list[Element]:
+    """Every element that is not a mapping's: host ports, allowed networks, forwards (a few per lobby)."""
     out: list[Element] = [Element(HOSTPORTS, (h.relay_port,)) for h in hosts.values()]
     for lb in snap.lobbies:
         if lb.id in hosts:
             # The networks admission.check admits a sender from: the kernel drops the others.
             out += [Element(ALLOW, (hosts[lb.id].relay_port, net), None, f"lobby {lb.name}")
                     for net in sender_networks(lb)]
-    for m in mappings(snap, now):
-        out += mapping_elements(m, snap.relay_ip)
     for f in snap.forwards:
         if now is not None and f.expired(now):
             continue
@@ -174,7 +183,7 @@ def plan(snap: Snapshot, now: float | None, sets: frozenset[str] | None = None) 
             out.append(Element(FWDACCT, target, None, tag))
             if f.masquerade:
                 out.append(Element(MASQ, target, None, tag))
-    return frozenset(e for e in out if sets is None or e.set in sets)
+    return out
 
 
 def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool = True) -> Changes:
@@ -193,16 +202,20 @@ def diff(desired: Iterable[Element], actual: Iterable[Element], table_ok: bool =
 
 
 _BY_KEY = attrgetter("key")
+# Above this many elements a side of a diff is grouped by map but not sorted by key: sorting 400,000 keys
+# (tuples of strings) costs more than writing them, and the kernel takes them in any order. Scripts and
+# golden files of ordinary changes stay sorted.
+SORT_MAX = 20_000
 
 
 def _sorted(elements: set[Element] | frozenset[Element]) -> tuple[Element, ...]:
     """By map, then key: stable scripts and golden tests. A map holds a key once, so one side of a diff
     lists it once: each map sorts apart by its keys (all alike), with a C-level getter, not a tuple built
-    per element (400,000 elements in a fraction of the time)."""
+    per element."""
     by_set: dict[str, list[Element]] = {}
     for e in elements:
         by_set.setdefault(e.set, []).append(e)
     out: list[Element] = []
     for name in sorted(by_set):
-        out += sorted(by_set[name], key=_BY_KEY)
+        out += sorted(by_set[name], key=_BY_KEY) if len(elements) <= SORT_MAX else by_set[name]
     return tuple(out)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from natctl import packed
 from natctl.config import Settings
 from natctl.errors import KernelError, NatctlError
 from natctl.kernel.backend import Kernel, NftKernel
@@ -50,6 +51,12 @@ class XdpKernel:
                 installed.counters[(XDP, key)] = stats.get(key, (0, 0, 0))[:2]
         return installed
 
+    def read_packed(self) -> Installed:
+        installed = self.nft.read_packed()
+        if XDP in self.owns and installed.packed is not None:
+            installed.packed[XDP] = {packed.pack(Element(XDP, k, v)) for k, v in self.prog.entries().items()}
+        return installed
+
     def generation(self) -> int | None:
         return self.nft.generation()
 
@@ -57,11 +64,11 @@ class XdpKernel:
         return self.nft.owner()  # the owner lives in the nftables table; the XDP map follows whoever owns it
 
     def apply(self, changes: Changes) -> None:
-        xdp_del = [e.key for e in changes.delete if e.set == XDP]
-        xdp_add = {e.key: e.value for e in changes.add if e.set == XDP and e.value is not None}
-        self.nft.apply(Changes(tuple(e for e in changes.add if e.set != XDP),
-                               tuple(e for e in changes.delete if e.set != XDP), changes.create_table,
-                               changes.generation, changes.owner))
+        nft_add, xdp_adds = _split(changes.add)
+        nft_del, xdp_dels = _split(changes.delete)
+        xdp_del = [e.key for e in xdp_dels]
+        xdp_add = {e.key: e.value for e in xdp_adds if e.value is not None}
+        self.nft.apply(Changes(nft_add, nft_del, changes.create_table, changes.generation, changes.owner))
         if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
             return
         try:
@@ -102,6 +109,13 @@ class XdpKernel:
         self.prog.close()
         self.prog.attached = False
         return table or self.detached
+
+
+def _split(items: Sequence[Element]) -> tuple[Sequence[Element], list[Element]]:
+    """nftables' part of a change's adds (deletes) and the XDP map's (a full reconcile's stay packed)."""
+    if isinstance(items, packed.PackedElements):
+        return items.without({XDP}), list(items.only({XDP}))
+    return tuple(e for e in items if e.set != XDP), [e for e in items if e.set == XDP]
 
 
 def select(settings: Settings, mode: str | None = None) -> Kernel:

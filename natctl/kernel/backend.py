@@ -27,6 +27,11 @@ class Kernel(Protocol):
 
     def read(self, sets: Iterable[str] | None = None) -> Installed: ...
 
+    def read_packed(self) -> Installed:
+        """table_ok, present and the elements as bytes per map (Installed.packed, natctl.packed): what a
+        full reconcile compares its plan with, without an Element (nor counters) per element."""
+        ...
+
     def generation(self) -> int | None: ...
 
     def owner(self) -> Owner | None:
@@ -64,6 +69,9 @@ class NftKernel:
 
     def read(self, sets: Iterable[str] | None = None) -> Installed:
         return self.nft.read(sets)
+
+    def read_packed(self) -> Installed:
+        return self.nft.read_packed()
 
     def generation(self) -> int | None:
         return self.nft.generation()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from natctl import packed
 from natctl.errors import KernelError
 from natctl.kernel.nft import DELIVERY_MARK, INTERVAL, TABLE, TYPES, Installed, comment_text, element_text, render
 from natctl.model import Endpoint
@@ -97,6 +98,12 @@ class FakeKernel:
         self.reads += 1
         return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
                          dict(self.installed.counters), owner=self.installed.owner)
+
+    def read_packed(self) -> Installed:
+        """``read`` as a full reconcile reads the real kernel: its elements as bytes (natctl.packed)."""
+        self.reads += 1
+        return Installed(self.installed.table_ok, self.installed.present, owner=self.installed.owner,
+                         packed=packed.held(self.installed.elements))
 
     def apply(self, changes: Changes) -> None:
         if not changes:

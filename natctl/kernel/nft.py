@@ -188,6 +188,8 @@ class Installed:
     counters: dict[tuple[str, tuple], tuple[int, int]] = field(default_factory=dict)
     named: dict[str, tuple[int, int]] = field(default_factory=dict)  # named counter objects
     owner: Owner | None = None  # the store the table belongs to (None: nobody's yet)
+    # read_packed's: the elements as bytes per map (natctl.packed), ``elements`` left empty
+    packed: dict[str, set[bytes]] | None = None
 
 
 # IANA protocol numbers, fixed: a listing's protocols never depend on /etc/protocols.
@@ -340,6 +342,21 @@ class Nft:
                 return Installed()
             raise KernelError(f"cannot read table inet {TABLE}: {err.strip()}", "is nf_tables available?")
         return parse_listing(json.loads(out))
+
+    def read_packed(self) -> Installed:
+        """Whether the table is there with this layout, and its maps' elements as bytes (natctl.packed), all
+        through netlink dumps (libnftables would list every element, even tersely)."""
+        from natctl.kernel import nldump
+
+        try:
+            names = nldump.names(TABLE, nldump.NFT_MSG_GETSET) | nldump.names(TABLE, nldump.NFT_MSG_GETCHAIN)
+            found = Installed(present=bool(names), packed={})
+            found.table_ok = names >= {SCHEMA, "generation", "owner", *TYPES, *CHAINS}
+            if found.table_ok:  # else a diff rebuilds it whole: its elements do not matter
+                found.packed = nldump.read(TABLE, sorted(TYPES))
+        except OSError as err:
+            raise KernelError(f"cannot read table inet {TABLE}: {err.strerror}", "is nf_tables available?") from None
+        return found
 
     def apply(self, changes: Changes) -> None:
         if not changes:

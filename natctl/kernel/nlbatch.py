@@ -20,10 +20,11 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import repeat
 from typing import cast
 
+from natctl import packed
 from natctl.errors import KernelError
 from natctl.plan import Changes, Element
 
@@ -102,17 +103,7 @@ def comment_udata(comment: str) -> bytes:
     return struct.pack("=BB", UDATA_COMMENT, len(text)) + text
 
 
-class _Addresses(dict):
-    """Dotted address -> its 4 bytes, remembered (a plan repeats the same few addresses many times)."""
-
-    def __missing__(self, key: str) -> bytes:
-        if len(self) > 1 << 16:  # bounded: the hot ones (relay, hosts) come back at once
-            self.clear()
-        b = self[key] = socket.inet_aton(key)
-        return b
-
-
-_ADDR = _Addresses()
+_ADDR = packed._ADDR  # dotted address -> its 4 bytes, remembered (shared with the planner)
 
 
 def _packer(typ: str) -> tuple[struct.Struct, list[str]] | None:
@@ -190,6 +181,24 @@ class Layout:
         exec("\n".join(lines), scope)  # noqa: S102 - text built above from fixed pieces only
         self._fast = cast(Callable[[Element, bool], bytes], scope["pack"])
 
+    def packed(self, name: str, items: list[bytes], comments: Mapping[bytes, str] | None,
+               add: bool) -> Iterator[bytes]:
+        """The nests' insides for element bytes (natctl.packed): its key and value are already packed as
+        this layout packs them, so each is framed as it is, without an Element (an interval's, unpacked)."""
+        if self.interval or not self.kp or (self.value and not self.vp):
+            yield from (self._slow(packed.unpack(name, d, (comments or {}).get(d, "")), add) for d in items)
+            return
+        kh, kpad, size, udata = self.khead, self.kpad, self.kp[0].size, self._udata
+        if not add:
+            yield from (kh + d[:size] + kpad for d in items)
+            return
+        vh, vpad = (self.vhead, self.vpad) if self.vp else (b"", b"")
+        lookup: Mapping[bytes, str] = comments if comments is not None else {}
+        for d in items:
+            body = kh + d[:size] + kpad + vh + d[size:] + vpad if vh else kh + d + kpad
+            c = lookup.get(d)
+            yield body + (udata[c] if c in udata else self.comment(c)) if c else body
+
     def _slow(self, e: Element, add: bool) -> bytes:
         if self.interval:
             low, high = _interval(self.key, e.key)
@@ -254,6 +263,12 @@ def messages(changes: Changes, table: str) -> list[tuple[int, bytes]]:
     for kind, items, add in ((NFT_MSG_DELSETELEM, changes.delete, False), (NFT_MSG_NEWSETELEM, changes.add, True)):
         if kind == NFT_MSG_DELSETELEM and changes.create_table:
             continue  # a fresh table holds nothing to delete
+        if isinstance(items, packed.PackedElements):  # a full reconcile's: bytes framed as they are
+            for name, (data, comments) in sorted(items.groups.items()):
+                if name not in lay:
+                    raise KernelError(f"natctl has no set {name!r} to write to", "this is a bug in natctl")
+                out += set_messages(kind, table, name, lay[name].packed(name, data, comments, add))
+            continue
         by_set: dict[str, list[Element]] = {}
         for e in items:
             by_set.setdefault(e.set, []).append(e)

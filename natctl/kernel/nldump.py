@@ -1,0 +1,161 @@
+"""What table inet natctl's maps hold, read through netlink (NFT_MSG_GETSETELEM dumps) as element bytes.
+
+libnftables' JSON listing of 400,000 elements takes half a minute and gigabytes (an object per field of
+each); a full reconcile needs only which elements are there. The kernel dumps each element as its key
+(and key end, value) in NFTA_DATA_VALUE attributes holding the bytes natctl.packed plans, so one regular
+expression per map lifts them out of each answer, at C speed, with nothing parsed per element but them.
+Counters and comments are skipped (listings still read them through libnftables).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import struct
+
+from natctl import packed
+from natctl.errors import KernelError
+from natctl.kernel.nlbatch import (
+    DATA_VALUE,
+    ELEM_DATA,
+    ELEM_KEY,
+    ELEM_KEY_END,
+    LIST_SET,
+    LIST_TABLE,
+    NETLINK_CAP_ACK,
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NFT_MSG_NEWSETELEM,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    SOL_NETLINK,
+    attr,
+)
+
+NFT_MSG_GETSETELEM = 13
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+NLMSG_DONE = 3
+RETRIES = 5  # a dump the kernel marks interrupted (the table changed under it) is read again
+
+
+def _header(kind: int, size: int) -> bytes:
+    """A key's (key end's, value's) nest as the kernel dumps it (no NLA_F_NESTED) around one NFTA_DATA_VALUE."""
+    return struct.pack("=HHHH", 4 + 4 + ((size + 3) & ~3), kind, 4 + size, DATA_VALUE)
+
+
+def pattern(name: str) -> re.Pattern[bytes]:
+    """One element's key (key end, value) in a dump of map ``name``, each field's bytes a group."""
+    lay = packed.LAYOUTS[name]
+    key = lay.ksize // 2 if lay.interval else lay.ksize
+    pad = b"\0" * (-key % 4)  # a lone port's 2 bytes are padded to 4
+    text = re.escape(_header(ELEM_KEY, key)) + b"(.{%d})" % key + re.escape(pad)
+    if lay.interval:
+        text += re.escape(_header(ELEM_KEY_END, key)) + b"(.{%d})" % key + re.escape(pad)
+    vsize = lay.size - lay.ksize
+    if vsize:
+        text += re.escape(_header(ELEM_DATA, vsize)) + b"(.{%d})" % vsize
+    return re.compile(text, re.DOTALL)
+
+
+_PATTERNS: dict[str, re.Pattern[bytes]] = {}
+
+
+def _request(table: str, name: str, seq: int) -> bytes:
+    payload = struct.pack("=BBH", NFPROTO_INET, 0, 0) + attr(LIST_TABLE, table.encode() + b"\0") \
+        + attr(LIST_SET, name.encode() + b"\0")
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+    return struct.pack("=IHHII", 16 + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload
+
+
+def _dump(sock: socket.socket, table: str, name: str, seq: int) -> set[bytes] | None:
+    """One map's elements; None if the dump was interrupted (read it again)."""
+    pat = _PATTERNS.get(name) or _PATTERNS.setdefault(name, pattern(name))
+    groups = pat.groups
+    sock.send(_request(table, name, seq))
+    out: set[bytes] = set()
+    intr = False
+    while True:
+        buf = sock.recv(1 << 20)
+        off = 0
+        while off + 16 <= len(buf):  # a few messages a buffer: check each for the end, errors, interruption
+            length, kind, flags, mseq = struct.unpack_from("=IHHI", buf, off)
+            if mseq == seq:
+                if kind == NLMSG_DONE:
+                    return None if intr else out
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", buf, off + 16)
+                    if code:
+                        raise OSError(-code, os.strerror(-code))
+                elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                    intr = intr or bool(flags & NLM_F_DUMP_INTR)
+                    found = pat.findall(buf, off + 20, off + length)
+                    out.update(found if groups == 1 else map(b"".join, found))
+            off += (length + 3) & ~3 if length else len(buf)
+
+
+NFT_MSG_GETCHAIN, NFT_MSG_GETSET = 4, 10
+OBJ_TABLE = 1  # NFTA_CHAIN_TABLE, NFTA_SET_TABLE
+NAME_ATTR = {NFT_MSG_GETCHAIN: 3, NFT_MSG_GETSET: 2}
+
+
+def names(table: str, what: int) -> set[str]:
+    """The names of the chains (``what`` NFT_MSG_GETCHAIN) or sets (NFT_MSG_GETSET) of table inet ``table``:
+    a dump of the family's, a few dozen, without a set's elements (libnftables would read them all)."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        s.bind((0, 0))
+        payload = struct.pack("=BBH", NFPROTO_INET, 0, 0)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | what
+        s.send(struct.pack("=IHHII", 16 + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload)
+        out: set[str] = set()
+        while True:
+            buf = s.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(buf):
+                length, kind, _flags, _seq = struct.unpack_from("=IHHI", buf, off)
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return out
+                attrs, pos = {}, off + 20
+                while pos + 4 <= off + length:  # a chain's attributes: its table's name and its own
+                    alen, atype = struct.unpack_from("=HH", buf, pos)
+                    if alen < 4:
+                        break
+                    attrs[atype & 0x3FFF] = buf[pos + 4: pos + alen]
+                    pos += (alen + 3) & ~3
+                name = attrs.get(NAME_ATTR[what])
+                if attrs.get(OBJ_TABLE, b"").rstrip(b"\0") == table.encode() and name is not None:
+                    out.add(name.rstrip(b"\0").decode())
+                off += (length + 3) & ~3 if length else len(buf)
+    finally:
+        s.close()
+
+
+def read(table: str, names: list[str]) -> dict[str, set[bytes]]:
+    """The element bytes of each map in ``names`` (an absent one reads empty). OSError if refused."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        s.bind((0, 0))
+        out: dict[str, set[bytes]] = {}
+        seq = 1
+        for name in names:
+            for _ in range(RETRIES):
+                seq += 1
+                try:
+                    got = _dump(s, table, name, seq)
+                except FileNotFoundError:
+                    got = set()
+                if got is not None:
+                    out[name] = got
+                    break
+            else:
+                raise KernelError(f"cannot read set {name} of table inet {table}: it kept changing "
+                                  f"({os.strerror(errno.EINTR)})", "run 'natctl apply' again")
+        return out
+    finally:
+        s.close()
