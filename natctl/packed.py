@@ -126,11 +126,18 @@ def unpack(name: str, data: bytes, comment: str = "") -> Element:
     return Element(name, key, value, comment)
 
 
-def plan(snap: Snapshot, now: float | None, sets: Collection[str] | None = None) -> Desired:
+# A client as plan() reads it: lobby id, proto, ip, port, relay port, host ip, host port (None: its host's
+# registered address), pending. Store.client_rows gives these without a Client object per row.
+ClientRow = tuple[int, str, str, int, int, "str | None", "int | None", int]
+
+
+def plan(snap: Snapshot, now: float | None, sets: Collection[str] | None = None,
+         rows: Iterable[ClientRow] | None = None) -> Desired:
     """``natctl.plan.plan`` as bytes: per map, element bytes -> comment (a dict: each element once).
 
-    A mapping's four (six with XDP) elements are packed straight from the snapshot's rows, one struct call
-    each; the few other elements (host ports, networks, forwards) go through plan.others."""
+    A mapping's four (six with XDP) elements are packed straight from the clients' rows (``rows``, else the
+    snapshot's clients), one struct call each; the few other elements (host ports, networks, forwards) go
+    through plan.others."""
     keep = set(FIELDS) if sets is None else set(sets)
     out: Desired = {name: {} for name in keep if name in FIELDS}
     hosts = live_hosts(snap, now)
@@ -141,22 +148,26 @@ def plan(snap: Snapshot, now: float | None, sets: Collection[str] | None = None)
     dn, sn, xd = LAYOUTS[DNAT].struct.pack, LAYOUTS[SNAT].struct.pack, LAYOUTS[XDP].struct.pack
     names = {lb.id: f"lobby {lb.name}" for lb in snap.lobbies}
     relay, addr, proto = socket.inet_aton(snap.relay_ip), _ADDR, PROTO
-    for c in snap.clients:  # as plan.mappings and plan.mapping_elements, without their objects
-        host = hosts.get(c.lobby_id)
-        if host is None or c.pending:
+    if rows is None:
+        rows = ((c.lobby_id, c.proto, c.addr.ip, c.addr.port, c.relay_port, c.host.ip if c.host else None,
+                 c.host.port if c.host else None, c.pending) for c in snap.clients)
+    for lobby_id, pr, cip, cport, cp, hip, hport, pending in rows:  # as plan.mappings and mapping_elements
+        host = hosts.get(lobby_id)
+        if host is None or pending:
             continue
-        h = c.host or host.addr
-        tag, hp, cp = names[c.lobby_id], host.relay_port, c.relay_port
-        ca, ha, p = addr[c.addr.ip], addr[h.ip], proto[c.proto]
+        if hip is None:
+            hip, hport = host.addr.ip, host.addr.port
+        tag, hp = names[lobby_id], host.relay_port
+        ca, ha, p = addr[cip], addr[hip], proto[pr]
         if dnat is not None:
-            dnat[dn(ca, p, c.addr.port, hp, ha, h.port)] = tag
-            dnat[dn(ha, p, h.port, cp, ca, c.addr.port)] = tag
+            dnat[dn(ca, p, cport, hp, ha, hport)] = tag
+            dnat[dn(ha, p, hport, cp, ca, cport)] = tag
         if snat is not None:
-            snat[sn(ca, p, c.addr.port, ha, h.port, relay, cp)] = tag
-            snat[sn(ha, p, h.port, ca, c.addr.port, relay, hp)] = tag
-        if xdp is not None and c.proto == "udp":
-            xdp[xd(ca, c.addr.port, hp, relay, cp, ha, h.port)] = tag
-            xdp[xd(ha, h.port, cp, relay, hp, ca, c.addr.port)] = tag
+            snat[sn(ca, p, cport, ha, hport, relay, cp)] = tag
+            snat[sn(ha, p, hport, ca, cport, relay, hp)] = tag
+        if xdp is not None and pr == "udp":
+            xdp[xd(ca, cport, hp, relay, cp, ha, hport)] = tag
+            xdp[xd(ha, hport, cp, relay, hp, ca, cport)] = tag
     return out
 
 

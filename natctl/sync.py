@@ -310,7 +310,8 @@ class Reconciler:
         from natctl import packed
 
         # Planned, read and compared as bytes (natctl.packed): no object per element at 400,000 of them.
-        desired = packed.plan(store.snapshot(self.relay_ip), self.clock(), self.kernel.owns)
+        desired = packed.plan(store.snapshot(self.relay_ip, clients=False), self.clock(), self.kernel.owns,
+                              store.client_rows())
         read_packed = getattr(self.kernel, "read_packed", None)  # a test's kernel may lack it
         installed = read_packed() if read_packed is not None else self.kernel.read()
         held = installed.packed if installed.packed is not None else packed.held(installed.elements)
