@@ -27,6 +27,7 @@ from natctl.model import (
     int_ipv4,
     ipv4_int,
 )
+from natctl.packed import Desired
 from natctl.store import Store
 from natctl.sync import Reconciler, Scope
 from natctl.views import LobbyView, MappingView, unknown
@@ -175,7 +176,7 @@ class Lobbies:
 
     def _names_scope(self, names: list[str]) -> Scope:
         """The elements of the open lobbies called ``names`` (a bulk change's scope), planned in one snapshot."""
-        def scope(store: Store) -> frozenset[planner.Element]:
+        def scope(store: Store) -> frozenset[planner.Element] | Desired:
             return self.rec.plan_lobbies(store, names)
         return scope
 
