@@ -19,6 +19,7 @@
 #define NATCTL_RELAY_MAP "natctl_relay"
 #define NATCTL_FLOWS_MAP "natctl_flows"
 #define NATCTL_COUNT_MAP "natctl_count"
+#define NATCTL_LEASE_MAP "natctl_lease"
 
 /* Two entries per UDP mapping (both directions). Maps are not preallocated,
  * so a small relay pays only for what it holds. */
@@ -50,6 +51,11 @@ struct natctl_flow_stats {
 	__u64 last_seen; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 };
 
+/* A fleet relay's lease (natctl_lease, one entry, key 0): the bpf_ktime_get_ns()
+ * (CLOCK_MONOTONIC) after which mapped packets are passed to the stack, where
+ * the nftables fence drops them; its daemon pushes it forward every heartbeat.
+ * 0: no lease (a single relay never sets one). See natctl/fleet/fence.py. */
+
 /* Per-CPU counters, one slot each: why a packet was forwarded or passed. */
 enum natctl_counter {
 	NATCTL_C_SEEN = 0,       /* every frame the program saw */
@@ -65,6 +71,7 @@ enum natctl_counter {
 	NATCTL_C_PASS_NO_NEIGH,  /* next hop's MAC unknown: the stack resolves it */
 	NATCTL_C_PASS_FIB,       /* no route, forwarding off, MTU too small, ... */
 	NATCTL_C_PASS_PUNCH,     /* a host's punch: for the daemon (natctl.daemon.punch) */
+	NATCTL_C_PASS_FENCED,    /* a fleet relay's lease ran out: nftables' fence drops it (natctl.fleet.fence) */
 	NATCTL_C_MAX,
 };
 

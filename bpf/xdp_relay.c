@@ -44,6 +44,23 @@ struct {
 	__type(value, __u64);
 } natctl_count SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} natctl_lease SEC(".maps");
+
+/* The daemon that owns these mappings stopped renewing its lease (see natctl.h):
+ * the other relays are about to, or did, move its lobbies. */
+static __always_inline int lease_over(void)
+{
+	__u32 zero = 0;
+	__u64 *deadline = bpf_map_lookup_elem(&natctl_lease, &zero);
+
+	return deadline && *deadline && bpf_ktime_get_ns() > *deadline;
+}
+
 static __always_inline void count(__u32 which)
 {
 	__u64 *slot = bpf_map_lookup_elem(&natctl_count, &which);
@@ -134,6 +151,8 @@ int natctl_xdp(struct xdp_md *ctx)
 
 	if (!rw)
 		return pass(NATCTL_C_PASS_NO_KEY);
+	if (lease_over())
+		return pass(NATCTL_C_PASS_FENCED);
 	/* A host's PUNCH (natctl.daemon.wire: 10 bytes, "NATC" v2 type 5) is for the
 	 * daemon on the relay, never for the client this port maps to, however late. */
 	if (udp->len == bpf_htons(sizeof(*udp) + NATCTL_PUNCH_SIZE)) {

@@ -245,6 +245,10 @@ class Daemon:
 
             self.watch = Watch(self)
             fleet = self.loop.create_task(self.watch.run(stop))
+        else:  # natctl.fleet.fence: a lease a fleet member's crash left here would drop every relay port
+            from natctl.fleet.fence import clear_stale
+
+            clear_stale(self.svc)
         next_cleanup = time.monotonic() + settings.cleanup_interval
         try:
             while not stop.is_set():

@@ -10,6 +10,9 @@
   back), never make a live relay look dead.
 - The database unreachable: forwarding goes on untouched (the kernel has what it has); this says
   so once, and picks up where it was when the database is back.
+- The kernel's lease (natctl.fleet.fence) is renewed at every heartbeat, before and whatever the
+  database says, and lapses ``heartbeat`` seconds before the others could declare this relay dead:
+  a daemon that died leaves a kernel that stops forwarding before its lobbies move.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from natctl.daemon.log import log
 from natctl.db import StoreUnreachable
-from natctl.errors import NatctlError
+from natctl.errors import KernelError, NatctlError
+from natctl.fleet import fence
+from natctl.fleet.fence import Fence, Keeper, lease_ttl
 from natctl.fleet.model import DEAD
 from natctl.fleet.rows import CHANNEL
 from natctl.fleet.service import Fleet
@@ -42,8 +47,17 @@ class Watch:
         self._fd = -1
         self.down_since: float | None = None
         self.failovers = 0
+        self.ttl = lease_ttl(self.settings.heartbeat, self.settings.dead_after)
+        self.fence: Fence | None = None
+        if self.ttl is not None:
+            self.fence = fence.of(self.svc)
+        else:
+            fence.clear_stale(self.svc)
+            log("fence_off", heartbeat=self.settings.heartbeat, dead_after=self.settings.dead_after,
+                note="dead_after must exceed twice the heartbeat for the kernel's lease")
 
     async def run(self, stop: asyncio.Event) -> None:
+        keeper: Keeper | None = None
         try:
             next_beat = time.monotonic()
             while not stop.is_set():
@@ -56,9 +70,45 @@ class Watch:
                 beat = time.monotonic() >= next_beat  # woken by a NOTIFY: apply it now, beat on schedule
                 if beat:
                     next_beat = time.monotonic() + self.settings.heartbeat
+                    if keeper is not None:
+                        self._renew()  # before the heartbeat the others see: the lease ends before they act
                 self.tick(beat)
+                if keeper is None and self.fence is not None and self.ttl is not None:
+                    # The first lease only after the first tick: a relay restarting after its death keeps its
+                    # old flows fenced until its outbox has removed what moved away.
+                    self._renew()
+                    keeper = Keeper(self.fence, self.ttl, self.settings.heartbeat, self._fence_failed)
+                    keeper.start()
         finally:
+            if keeper is not None:
+                keeper.stop()
             self._unlisten()
+            if self.fence is not None:
+                self._release(stop.is_set())
+
+    def _renew(self) -> None:
+        assert self.fence is not None and self.ttl is not None
+        try:
+            self.fence.refresh(self.ttl)
+        except KernelError as err:
+            self._fence_failed(err)
+
+    def _fence_failed(self, err: Exception) -> None:
+        log("fence_failed", error=str(err), note="the lease runs out unless a renewal passes in time")
+
+    def _release(self, clean: bool) -> None:
+        """A clean stop (SIGTERM) takes the fence away: the mappings stay in the kernel and keep forwarding, as
+        on a single relay, so a planned restart or upgrade never cuts players (the restarted daemon renews the
+        lease; a long stop is the operator's to drain first). Anything else (the Watch failed) leaves the
+        lease to run out: this relay no longer beats, so the others will move its lobbies."""
+        assert self.fence is not None
+        if not clean:
+            log("fence_left", note="the watch stopped without a signal: the kernel's lease runs out")
+            return
+        try:
+            self.fence.remove()
+        except KernelError as err:
+            log("fence_failed", error=str(err), note="the lease runs out and the relay stops forwarding")
 
     def tick(self, beat: bool = True) -> None:
         svc = self.svc

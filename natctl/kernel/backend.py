@@ -94,4 +94,8 @@ class NftKernel:
         self.nft.block_all(senders)
 
     def uninstall(self) -> bool:
-        return self.nft.uninstall()
+        from natctl.fleet.fence import remove_script
+
+        gone = self.nft.uninstall()
+        self.nft.run(remove_script())  # a fleet relay's lease (natctl.fleet.fence) goes with the rest
+        return gone

@@ -16,11 +16,13 @@ PROG_NAME = "natctl_xdp"
 RELAY_MAP = "natctl_relay"
 FLOWS_MAP = "natctl_flows"
 COUNT_MAP = "natctl_count"
+LEASE_MAP = "natctl_lease"  # a fleet relay's lease: one u64 deadline, CLOCK_MONOTONIC ns (0: none)
 MAX_ENTRIES = 262144
 
 # enum natctl_counter, in order.
 COUNTERS = ("seen", "tx", "redirect", "pass_not_ipv4", "pass_malformed", "pass_options", "pass_fragment",
-            "pass_not_udp", "pass_no_key", "pass_ttl", "pass_no_neigh", "pass_fib", "pass_punch")
+            "pass_not_udp", "pass_no_key", "pass_ttl", "pass_no_neigh", "pass_fib", "pass_punch",
+            "pass_fenced")
 
 
 class Key(C.BigEndianStructure):

@@ -270,7 +270,12 @@ def lookup_all(fd: int, key_type: type[C.Structure], value_size: int) -> list[tu
         first = False
 
 
-def lookup(fd: int, key: C.Structure | C.c_uint32, value: C.Array | C.Structure) -> bool:
+def update(fd: int, key: C.Structure | C.c_uint32, value: C.Structure | C.c_uint64, flags: int = BPF_ANY) -> None:
+    """Write one entry (an array's slot, a hash's key)."""
+    check(lib().bpf_map_update_elem(fd, C.byref(key), C.byref(value), flags), "bpf_map_update_elem")
+
+
+def lookup(fd: int, key: C.Structure | C.c_uint32, value: C.Array | C.Structure | C.c_uint64) -> bool:
     rc = lib().bpf_map_lookup_elem(fd, C.byref(key), C.byref(value))
     if rc == -2:
         return False

@@ -30,7 +30,8 @@ FLAGS = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MO
 # name -> (key size, value size, max entries); a program whose maps differ is an older natctl's.
 MAPS = {L.RELAY_MAP: (C.sizeof(L.Key), C.sizeof(L.Rewrite), L.MAX_ENTRIES),
         L.FLOWS_MAP: (C.sizeof(L.Key), C.sizeof(L.FlowStats), L.MAX_ENTRIES),
-        L.COUNT_MAP: (4, 8, len(L.COUNTERS))}
+        L.COUNT_MAP: (4, 8, len(L.COUNTERS)),
+        L.LEASE_MAP: (4, 8, 1)}
 
 
 class XdpUnavailable(KernelError):
@@ -118,6 +119,29 @@ def detach(ifname: str, pin_root: str | None = PIN_ROOT) -> bool:
         libbpf.xdp_detach(ifindex, FLAGS[cur[0]])
         gone = True
     return unpin(pin_root, ifname) or gone
+
+
+def set_lease(ifname: str, deadline_ns: int) -> bool:
+    """Write the lease deadline (CLOCK_MONOTONIC ns, 0: no lease; natctl.fleet.fence) of natctl's program
+    attached to ``ifname``. Found anew each time, by name as the other maps: whichever natctl object attached
+    it (the daemon's, its cleanup thread's), the one on the interface is the one that forwards. False when
+    natctl's program (of this layout) is not attached there."""
+    try:
+        ifindex = socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    cur = attached(ifindex)
+    if not cur or cur[0] not in FLAGS:
+        return False
+    fds = _handles(libbpf.prog_fd_by_id(cur[1]))
+    if fds is None:
+        return False
+    try:
+        libbpf.update(fds[L.LEASE_MAP], C.c_uint32(0), C.c_uint64(deadline_ns))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return True
 
 
 def link_kind(ifindex: int) -> str:
@@ -260,6 +284,16 @@ class Program:
             libbpf.lookup(self.fds[L.COUNT_MAP], C.c_uint32(i), values)
             out[name] = sum(values)
         return out
+
+    def lease(self) -> int:
+        """The lease deadline in the program's map (CLOCK_MONOTONIC ns; 0: none)."""
+        value = C.c_uint64(0)
+        if self.fds:
+            libbpf.lookup(self.fds[L.LEASE_MAP], C.c_uint32(0), value)
+        return value.value
+
+    def set_lease(self, deadline_ns: int) -> None:
+        libbpf.update(self.fds[L.LEASE_MAP], C.c_uint32(0), C.c_uint64(deadline_ns))
 
     def write(self, delete: list[tuple], add: list[tuple[tuple, tuple]]) -> int:
         """Delete keys, then add (key, rewrite) pairs; returns how many adds fit in the map.

@@ -119,7 +119,8 @@ def env():
         run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], ns=ns)
         with libbpf.BpfObject(OBJECT) as obj:
             fds = {"prog": os.dup(obj.program_fd(L.PROG_NAME))}
-            fds.update({name: os.dup(obj.map_fd(name)) for name in (L.RELAY_MAP, L.FLOWS_MAP, L.COUNT_MAP)})
+            fds.update({name: os.dup(obj.map_fd(name))
+                        for name in (L.RELAY_MAP, L.FLOWS_MAP, L.COUNT_MAP, L.LEASE_MAP)})
         prog = Program("a0", 0, "native", None, fds)  # loaded, never attached
         assert prog.write([], MAPPINGS) == len(MAPPINGS)
         with entered(ns):
@@ -265,3 +266,22 @@ def test_map_writes_are_idempotent_and_read_back(env):
     env.prog.write([extra[0], extra[0], ("198.18.3.4", 1, 2)], [])  # missing keys are skipped, not errors
     assert env.prog.entries() == dict(MAPPINGS)
     assert extra[0] not in env.prog.flow_stats()
+
+
+def test_a_lapsed_lease_passes_mapped_packets_to_the_stack(env):
+    """A fleet relay's lease (natctl.fleet.fence): 0 = none, a future deadline forwards, a past one passes
+    mapped packets untouched (nftables' fence drops them there); unmapped ones pass as before."""
+    frame = env.frame(CLIENT, P_H)
+    try:
+        for deadline, verdict, reason in ((0, TX, "tx"), (time.monotonic_ns() + 60 * 10**9, TX, "tx"),
+                                          (time.monotonic_ns() - 1, PASS, "pass_fenced")):
+            env.prog.set_lease(deadline)
+            assert env.prog.lease() == deadline
+            before = env.prog.counters()
+            got, out = env.run(frame)
+            assert got == verdict and env.prog.counters()[reason] - before[reason] == 1, deadline
+            if verdict == PASS:
+                assert out == frame
+        assert env.run(env.frame(CLIENT, P_C))[0] == PASS  # unknown key: pass_no_key, as always
+    finally:
+        env.prog.set_lease(0)

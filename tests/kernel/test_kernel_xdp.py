@@ -188,7 +188,7 @@ def test_pins_on_a_mounted_bpffs_are_made_reused_and_removed(xlab, relay):
             k.apply(Changes(add=(element,), create_table=True))
             (pins,) = os.listdir(root)
             assert sorted(os.listdir(os.path.join(root, pins))) == ["natctl_count", "natctl_flows",
-                                                                     "natctl_relay", "prog"]
+                                                                     "natctl_lease", "natctl_relay", "prog"]
             labxdp.detach_all(xlab.relay_ns, "eth0")
             again = XdpKernel("eth0", "native", pin_root=root)  # not attached: found through its pins
             assert element in again.read().elements

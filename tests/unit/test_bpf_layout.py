@@ -33,7 +33,7 @@ STRUCTS = {
 # Mirrors of a struct's first fields only: the kernel takes a shorter info struct.
 PREFIXES = {"struct bpf_prog_info": L.ProgInfo, "struct bpf_map_info": L.MapInfo}
 STRINGS = {"NATCTL_PROG_NAME": L.PROG_NAME, "NATCTL_RELAY_MAP": L.RELAY_MAP, "NATCTL_FLOWS_MAP": L.FLOWS_MAP,
-           "NATCTL_COUNT_MAP": L.COUNT_MAP}
+           "NATCTL_COUNT_MAP": L.COUNT_MAP, "NATCTL_LEASE_MAP": L.LEASE_MAP}
 
 
 def _program() -> str:
@@ -122,7 +122,7 @@ def test_the_built_object_has_the_same_maps_and_layouts():
         pytest.skip("bpf/xdp_relay.o or bpftool missing (make setup builds it)")
     dump = subprocess.run(["bpftool", "btf", "dump", "file", str(obj), "format", "raw"], check=True,
                           capture_output=True, text=True).stdout
-    for name in (L.RELAY_MAP, L.FLOWS_MAP, L.COUNT_MAP):
+    for name in (L.RELAY_MAP, L.FLOWS_MAP, L.COUNT_MAP, L.LEASE_MAP):
         assert f"VAR '{name}'" in dump
     assert f"FUNC '{L.PROG_NAME}'" in dump
     structs = _btf_structs(dump)
