@@ -15,6 +15,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +123,18 @@ def build(tmpdir: str, regions: tuple[str, ...] = ("eu", "eu", "us"),
         else:
             pg.close()
         raise
+
+
+@contextmanager
+def running(tmpdir: str, regions: tuple[str, ...] = ("eu", "eu", "us"), sites: dict[str, list[str]] | None = None,
+            **settings: Any) -> Iterator[FleetLab]:
+    """``build`` with every relay's daemon started; all of it removed on exit, also after a failure."""
+    fleet = build(tmpdir, regions, sites, **settings)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.close()
 
 
 def wait_for(what: str, check: Any, seconds: float = 20.0, every: float = 0.05) -> float:

@@ -29,12 +29,8 @@ DEAD_AFTER = 3.0  # the lab's: heartbeat 0.5 s, so the lease holds 2.5 s
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[fleetlab.FleetLab]:
-    f = fleetlab.build(str(tmp_path_factory.mktemp("fence")), ("eu", "eu", "us"), SITES, dead_after=DEAD_AFTER)
-    try:
-        f.start()
+    with fleetlab.running(str(tmp_path_factory.mktemp("fence")), sites=SITES, dead_after=DEAD_AFTER) as f:
         yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,8 @@ SITES = {"home-a": ["host-a"], "home-b": ["host-b"], "home-p": ["p1", "p2", "p3"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[fleetlab.FleetLab]:
-    f = fleetlab.build(str(tmp_path_factory.mktemp("fleet")), ("eu", "eu", "us"), SITES)
-    try:
-        f.start()
+    with fleetlab.running(str(tmp_path_factory.mktemp("fleet")), sites=SITES) as f:
         yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture(scope="module")
