@@ -152,7 +152,8 @@ def _median_ms(seconds: list[float]) -> float:
 
 def settings(args: argparse.Namespace) -> Settings:
     return Settings(state=args.state, relay_ip=args.relay_ip, ports=PORTS, accel=args.accel,
-                    interface=args.interface or "", lock_timeout=30.0)
+                    interface=args.interface or "", lock_timeout=30.0,
+                    writer=os.environ.get("NATCTL_WRITER", "netlink"))  # the writer the bench measures
 
 
 def install(args: argparse.Namespace) -> dict[str, Any]:

@@ -63,6 +63,16 @@ class Txn:
     result: SyncResult | None = None
 
 
+def check_capacity(dnat_elements: int) -> None:
+    """Exhausted (exit 5) before the kernel refuses: its mapping maps have a fixed size (natctl.kernel.nft)."""
+    from natctl.kernel.nft import MAX_ELEMENTS
+
+    if dnat_elements > MAX_ELEMENTS:
+        raise Exhausted(f"{dnat_elements // 2:,} mappings are more than one relay holds ({MAX_ELEMENTS // 2:,}); "
+                        "nothing was changed", "close lobbies, or spread them over a fleet of relays "
+                        "(README: When one VPS is not enough)")
+
+
 class Reconciler:
     def __init__(self, settings: Settings, kernel_factory: Callable[[], Kernel] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -324,6 +334,7 @@ class Reconciler:
         # Planned, read and compared as bytes (natctl.packed): no object per element at 400,000 of them.
         desired = packed.plan(store.snapshot(self.relay_ip, clients=False), self.clock(), self.kernel.owns,
                               store.client_rows())
+        check_capacity(len(desired.get(planner.DNAT, ())))
         read_packed = getattr(self.kernel, "read_packed", None)  # a test's kernel may lack it
         installed = read_packed() if read_packed is not None else self.kernel.read()
         held = installed.packed if installed.packed is not None else packed.held(installed.elements)

@@ -281,3 +281,14 @@ def test_announced_clients_that_never_arrive_go_with_idle_cleanup(tmp_path, monk
     assert [g for g in gone if "never arrived" in g] == [f"udp/{C2} (never arrived)"]  # C1 went as idle
     assert svc.store.clients() == []
     svc.close()
+
+
+def test_more_mappings_than_a_relay_holds_are_refused_before_the_kernel(svc, monkeypatch):
+    monkeypatch.setattr("natctl.kernel.nft.MAX_ELEMENTS", 4)  # two mappings' DNAT elements
+    svc.lobby_create("a", open_=True)
+    svc.map_add("a", Endpoint("198.18.1.1", 5000), [Endpoint("198.18.2.1", 1), Endpoint("198.18.2.2", 2)])
+    svc.fake.installed = type(svc.fake.installed)()  # the kernel lost its table: the next change reconciles in full
+    before = svc.mappings()
+    with pytest.raises(Exhausted, match="3 mappings are more than one relay holds") as err:
+        svc.map_add("a", Endpoint("198.18.1.1", 5000), [Endpoint("198.18.2.3", 3)])
+    assert err.value.exit_code == 5 and svc.mappings() == before
