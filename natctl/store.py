@@ -257,16 +257,20 @@ class Store:
     def _clients_mine(self) -> str:
         return "" if self.relay is None else "WHERE lobby_id IN (SELECT lobby_id FROM hosts WHERE relay=?)"
 
-    def client_rows(self) -> list[tuple]:
-        """This relay's clients as plain tuples, as natctl.packed.plan reads them (a full reconcile of 100,000
-        without a Client and two Endpoints each)."""
-        sql = ("SELECT lobby_id, proto, ip, port, relay_port, host_ip, host_port, pending FROM clients "
-               f"{self._clients_mine} ORDER BY id")
+    def client_rows(self, lobby_ids: Iterable[int] | None = None) -> list[tuple]:
+        """This relay's clients (or these lobbies') as plain tuples, as natctl.packed.plan reads them (a full
+        reconcile or a bulk change of 100,000 without a Client and two Endpoints each)."""
+        if lobby_ids is None:
+            where, args = self._clients_mine, self._mine()[1]
+        else:
+            sub, ids = self.db.in_list(lobby_ids)
+            where, args = f"WHERE lobby_id IN {sub}", (ids,)
+        sql = f"SELECT lobby_id, proto, ip, port, relay_port, host_ip, host_port, pending FROM clients {where} ORDER BY id"
         cur = self.db.conn.cursor() if isinstance(self.db, SqliteDb) else None
         if cur is not None:
             cur.row_factory = None
-            return cur.execute(sql, self._mine()[1]).fetchall()
-        return list(self.db.execute(sql, self._mine()[1]))
+            return cur.execute(sql, args).fetchall()
+        return list(self.db.execute(sql, args))
 
     def snapshot_lobby(self, relay_ip: str, lobby_id: int, client: tuple[str, Endpoint] | None = None) -> Snapshot:
         """The part of the snapshot that one lobby's elements depend on (or one client's of it)."""
@@ -363,8 +367,9 @@ class Store:
     def is_host_port(self, port: int, relay: str | None = None) -> bool:
         return self.host_by_port(port, relay) is not None
 
-    def snapshot_lobbies(self, relay_ip: str, names: Iterable[str]) -> Snapshot:
-        """``snapshot_lobby`` of many open lobbies at once, by name (a bulk change's scope): three queries."""
+    def snapshot_lobbies(self, relay_ip: str, names: Iterable[str], clients: bool = True) -> Snapshot:
+        """``snapshot_lobby`` of many open lobbies at once, by name (a bulk change's scope): three queries
+        (``clients`` False: two, see client_rows)."""
         q = self.db.execute
         sub, arg = self.db.in_list(names)
         lobbies = tuple(_lobby(r) for r in q(
@@ -374,7 +379,7 @@ class Store:
             relay_ip=relay_ip,
             lobbies=lobbies,
             hosts=tuple(_host(r) for r in q(f"SELECT * FROM hosts WHERE lobby_id IN {sub} ORDER BY lobby_id", (ids,))),
-            clients=_clients(self.db, f"WHERE lobby_id IN {sub}", (ids,)),
+            clients=_clients(self.db, f"WHERE lobby_id IN {sub}", (ids,)) if clients else (),
         )
 
     def client_keys(self, lobby_ids: Iterable[int]) -> Iterator[tuple[int, int, str, str, int, int]]:

@@ -414,7 +414,8 @@ class Reconciler:
             return frozenset().union(*(self.plan_lobby(store, lb.id) for lb in lobbies))
         from natctl import packed
 
-        return packed.plan(store.snapshot_lobbies(self.relay_ip, names), None, self.kernel.owns)
+        snap = store.snapshot_lobbies(self.relay_ip, names, clients=False)
+        return packed.plan(snap, None, self.kernel.owns, store.client_rows(lb.id for lb in snap.lobbies))
 
     def lobby_scope(self, name: str) -> ElementScope:
         """The elements of the open lobby called ``name`` (none if there is none)."""
