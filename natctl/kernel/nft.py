@@ -330,16 +330,22 @@ class Nft:
         return out
 
     def read(self, sets: Iterable[str] | None = None) -> Installed:
-        """The whole table, or only the elements and counters of ``sets`` (cheaper at scale)."""
-        if sets is not None:
+        """The whole table, or only the counters of the counted maps among ``sets`` (cleanup's idle check:
+        no elements, read through netlink, cheap at scale)."""
+        if sets is not None:  # the counted maps through netlink dumps (cleanup at 100,000: no JSON of each)
+            from natctl import packed
+            from natctl.kernel import nldump
+
             out = Installed()
-            for name in sets:
-                kind = "map" if TYPES[name][1] else "set"
-                rc, text, _ = self._nft.cmd(f"list {kind} inet {TABLE} {name}")
-                if rc == 0:
-                    part = parse_listing(json.loads(text))
-                    out.elements |= part.elements
-                    out.counters.update(part.counters)
+            counted = sorted(set(sets) & COUNTED)
+            try:
+                dumps = nldump.counters(TABLE, counted)
+            except OSError as why:
+                raise KernelError(f"cannot read table inet {TABLE}: {why.strerror}", "is nf_tables available?") \
+                    from None
+            for name, elements in dumps.items():
+                out.counters.update(((name, packed.unpack(name, data).key), counts)
+                                    for data, counts in elements.items())
             return out
         rc, out, err = self._nft.cmd(f"list table inet {TABLE}")
         if rc != 0:

@@ -4,7 +4,9 @@ libnftables' JSON listing of 400,000 elements takes half a minute and gigabytes 
 each); a full reconcile needs only which elements are there. The kernel dumps each element as its key
 (and key end, value) in NFTA_DATA_VALUE attributes holding the bytes natctl.packed plans, so one regular
 expression per map lifts them out of each answer, at C speed, with nothing parsed per element but them.
-Counters and comments are skipped (listings still read them through libnftables).
+Comments are skipped (listings still read them through libnftables); ``counters`` reads an element's
+counter (NFTA_SET_ELEM_EXPR "counter": bytes, then packets, big-endian) with its bytes, for cleanup's idle
+check at 100,000 mappings without libnftables' JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import socket
 import struct
+from typing import Any
 
 from natctl import packed
 from natctl.errors import KernelError
@@ -36,6 +39,7 @@ from natctl.kernel.nlbatch import (
 )
 
 NFT_MSG_GETSETELEM = 13
+_U64 = struct.Struct("!Q")
 NLM_F_DUMP = 0x300
 NLM_F_DUMP_INTR = 0x10
 NLMSG_DONE = 3
@@ -71,12 +75,28 @@ def _request(table: str, name: str, seq: int) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload
 
 
-def _dump(sock: socket.socket, table: str, name: str, seq: int) -> set[bytes] | None:
-    """One map's elements; None if the dump was interrupted (read it again)."""
-    pat = _PATTERNS.get(name) or _PATTERNS.setdefault(name, pattern(name))
-    groups = pat.groups
+def _counted(name: str) -> re.Pattern[bytes]:
+    key = name + "+counter"
+    if key not in _PATTERNS:
+        _PATTERNS[key] = re.compile(pattern(name).pattern + _counter_text(), re.DOTALL)
+    return _PATTERNS[key]
+
+
+def _counter_text() -> bytes:
+    """What follows a counted element's value in a dump: NFTA_SET_ELEM_EXPR, a "counter" expression whose
+    data holds NFTA_COUNTER_BYTES then NFTA_COUNTER_PACKETS (u64 each)."""
+    head = struct.pack("=HHHH", 44, 7, 12, 1) + b"counter\0" + struct.pack("=HHHH", 28, 2, 12, 1)
+    return re.escape(head) + b"(.{8})" + re.escape(struct.pack("=HH", 12, 2)) + b"(.{8})"
+
+
+def _dump(sock: socket.socket, table: str, name: str, seq: int,
+          counted: bool = False) -> set[bytes] | dict[bytes, tuple[int, int]] | None:
+    """One map's elements (``counted``: element bytes -> (packets, bytes)); None if the dump was interrupted
+    (read it again)."""
+    pat = _counted(name) if counted else (_PATTERNS.get(name) or _PATTERNS.setdefault(name, pattern(name)))
+    groups = pat.groups - (2 if counted else 0)
     sock.send(_request(table, name, seq))
-    out: set[bytes] = set()
+    out: Any = {} if counted else set()
     intr = False
     while True:
         buf = sock.recv(1 << 20)
@@ -93,7 +113,11 @@ def _dump(sock: socket.socket, table: str, name: str, seq: int) -> set[bytes] | 
                 elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
                     intr = intr or bool(flags & NLM_F_DUMP_INTR)
                     found = pat.findall(buf, off + 20, off + length)
-                    out.update(found if groups == 1 else map(b"".join, found))
+                    if counted:
+                        out.update((b"".join(f[:groups]), (_U64.unpack(f[-1])[0], _U64.unpack(f[-2])[0]))
+                                   for f in found)
+                    else:
+                        out.update(found if groups == 1 else map(b"".join, found))
             off += (length + 3) & ~3 if length else len(buf)
 
 
@@ -134,22 +158,28 @@ def names(table: str, what: int) -> set[str]:
         s.close()
 
 
-def read(table: str, names: list[str]) -> dict[str, set[bytes]]:
+def counters(table: str, names: list[str]) -> dict[str, dict[bytes, tuple[int, int]]]:
+    """Each counted map's element bytes -> (packets, bytes), as ``read`` reads elements."""
+    return read(table, names, counted=True)  # type: ignore[return-value]
+
+
+def read(table: str, names: list[str], counted: bool = False) -> dict[str, set[bytes]]:
     """The element bytes of each map in ``names`` (an absent one reads empty). OSError if refused."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         s.bind((0, 0))
-        out: dict[str, set[bytes]] = {}
+        out: dict[str, Any] = {}
         seq = 1
         for name in names:
             for _ in range(RETRIES):
                 seq += 1
+                got: Any
                 try:
-                    got = _dump(s, table, name, seq)
+                    got = _dump(s, table, name, seq, counted)
                 except FileNotFoundError:
-                    got = set()
+                    got = {} if counted else set()
                 if got is not None:
                     out[name] = got
                     break
