@@ -12,7 +12,7 @@ import pytest
 from natctl.kernel.nft import TYPES, parse_listing
 from natctl.lab.netns import run
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 
 LOBBIES, PER = 200, 50  # 10,000 mappings
 

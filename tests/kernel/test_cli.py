@@ -12,7 +12,7 @@ from natctl.lab.netns import natctl_argv, run
 from support.cli import Cli
 from support.unprivileged import NOBODY, python
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 
 
 @pytest.fixture
@@ -78,6 +78,7 @@ def test_relay_range_inside_local_port_range(cli, lab):
             "--host", "198.18.1.2:27015", "--client", "198.18.2.2:2")
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # a SQLite file held by another process
 def test_store_locked_by_another_natctl(cli, lab):
     db = sqlite3.connect(cli.state, isolation_level=None)
     db.execute("BEGIN IMMEDIATE")

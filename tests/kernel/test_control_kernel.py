@@ -20,7 +20,7 @@ from support import labs
 from support.scenarios import add
 from support.serve import Daemon
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 # The flow's mapping is hand-made (`natctl map add`): the relay reaches the host from a client port the
 # host never sent to, which only a cone lets in (see support.labs.cone_lab); the daemon's own path is
 # tested behind stock masquerade in test_daemon.py and test_nat_kinds.py.

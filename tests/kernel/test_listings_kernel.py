@@ -15,7 +15,7 @@ from natctl.lab.netns import entered, run
 from natctl.lab.traffic import payload, send_and_receive, tcp_connect
 from support.scenarios import pub
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 
 TCP_PORT = 7100  # outside the relay ports and the registration port
 

@@ -19,7 +19,7 @@ from natctl.lab.traffic import collect, drain, tcp_connect, udp_socket
 from support.noray_client import NorayPeer
 from support.serve import Daemon
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("engine")]  # each test on both store engines too
 TCP, REG = 8890, 8809
 
 
