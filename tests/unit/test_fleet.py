@@ -250,3 +250,32 @@ def test_doctor_checks_the_store_the_membership_and_the_heartbeat(fleet):
     gone = replace(eu1.settings, store="postgresql:///natctl?host=/nonexistent-dir&user=postgres")
     down = fleet_checks(gone, "198.18.0.1")
     assert list(down) == ["store"] and down["store"].status == "fail" and "start the database" in down["store"].fix
+
+
+def test_a_relay_is_dead_only_after_this_daemon_watched_its_heartbeat_stand_still(fleet, monkeypatch):
+    """Heartbeats are stamped by the database's clock and judged by how long the watcher itself saw them
+    not move: a relay whose stamp is far off (its clock, an outage everyone had) is alive while it moves."""
+    from types import SimpleNamespace
+
+    from natctl.fleet.watch import Watch
+
+    eu1, db = fleet["eu-1"], fleet["eu-1"].store.db
+    eu1.lobby_create("x", open_=True, relay="eu-2")
+    clock = [1000.0]
+    monkeypatch.setattr("natctl.fleet.watch.time.monotonic", lambda: clock[0])
+    watch = Watch(SimpleNamespace(svc=eu1))
+
+    def stamp(name: str, when: float) -> None:
+        with eu1.store.write():
+            db.execute("UPDATE relays SET heartbeat=? WHERE name=?", (when, name))
+
+    stamp("eu-2", 5.0)  # a stamp from 1970: stale by any clock, as after an outage everyone had
+    stamp("us-1", 7.0)
+    watch._watch()
+    for step in range(1, 4):  # eu-2 keeps beating (its stamps move, whatever their value); us-1 stands still
+        clock[0] += 2.0
+        stamp("eu-2", 5.0 + step)
+        watch._watch()
+    states = {r.name: r.state for r in Fleet(eu1.rec).relays()}
+    assert states == {"eu-1": "live", "eu-2": "live", "us-1": "dead"}  # us-1: 6 s >= dead_after 5 s
+    assert {v.name: v.relay for v in eu1.lobbies()} == {"x": "eu-2"}
