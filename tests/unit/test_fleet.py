@@ -151,6 +151,10 @@ def test_a_machine_that_is_not_a_relay_places_and_reads_but_forwards_nothing(fle
     kernel = FakeKernel()
     ops = Service(Settings(state=str(tmp_path / "ops.db"), store=pg_db.url, relay_ip="198.18.0.99"),
                   kernel_factory=lambda: kernel)
+
+    def touched(_settings: Settings) -> None:
+        raise AssertionError("an operator's machine turned IP forwarding on")
+    ops.rec.preflight = touched  # it forwards nothing: it must not change its own kernel's settings either
     lobby, _ = ops.lobby_create("from-ops", open_=True, region="us")
     ops.map_add("from-ops", H1, [P1])
     assert lobby.relay == "us-1" and kernel.installed.elements == frozenset()
