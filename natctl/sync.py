@@ -197,16 +197,16 @@ class Reconciler:
         and without a scope, the whole desired state is diffed against what
         the kernel holds.
         """
-        store = self.store
-        fleet = self.fleet
         # Not a relay of the fleet (an operator's machine): no kernel here, nothing to turn on; what this
         # change plans for the fleet's relays goes to their outboxes.
-        fleet_only = fleet is not None and apply and store.relay == NOT_A_RELAY
+        fleet_only = bool(self.settings.store) and apply and self.store.fleet and self.store.relay == NOT_A_RELAY
         apply = apply and not fleet_only
         if apply:
-            _ = self.kernel  # fail fast (not root, no binding) before writing the store
+            _ = self.kernel  # fail fast (not root, no binding) before touching the store
             self.check_ports()
             self.check_forwarding()
+        store = self.store
+        fleet = self.fleet
         txn = Txn(store)
         changes = planner.Changes()
         touched = False  # the effect ran (perhaps in part): undo it if the change fails after that
