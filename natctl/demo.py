@@ -137,12 +137,17 @@ def run_demo(lab: topology.Lab, tmp: str) -> int:
     return 0 if ok else 1
 
 
-def main(keep: bool = False) -> int:
+def prepare() -> None:
+    """What every demo needs first: root, and Ctrl-C and SIGTERM ending in its teardown (SIGINT may arrive
+    ignored from a parent shell)."""
     if os.geteuid() != 0:
         raise NatctlError("the demo builds network namespaces and needs root", "run it with sudo (or: make demo)")
-    # Ctrl-C and SIGTERM both end in the teardown below (SIGINT may arrive ignored from a parent shell).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def main(keep: bool = False) -> int:
+    prepare()
     print("Building the lab (network namespaces, 198.18.0.0/15 only) ...")
     lab = topology.build()
     tmp = tempfile.mkdtemp(prefix="natctl-demo-")

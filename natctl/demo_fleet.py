@@ -7,12 +7,11 @@ and removes everything it made, also on Ctrl-C or failure.
 
 from __future__ import annotations
 
-import os
 import signal
 import tempfile
 import time
 
-from natctl.errors import NatctlError
+from natctl.demo import prepare
 from natctl.lab import fleet as fleetlab
 from natctl.lab.fleet import Echo, FleetLab, echoed
 from natctl.lab.traffic import payload, udp_socket
@@ -100,10 +99,7 @@ def run_demo(fleet: FleetLab) -> int:
 
 
 def main(keep: bool = False) -> int:
-    if os.geteuid() != 0:
-        raise NatctlError("the demo builds network namespaces and needs root", "run it with sudo")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    prepare()
     print("Building the fleet lab (PostgreSQL in a temp dir, network namespaces on 198.18.0.0/15) ...")
     with tempfile.TemporaryDirectory(prefix="natctl-fleet-demo-") as tmp:
         fleet = fleetlab.build(tmp, REGIONS, SITES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import ctypes as C
 import os
+import time
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -205,9 +206,12 @@ def test_run(prog_fd: int, frame: bytes, ingress_ifindex: int = 0) -> tuple[int,
     return opts.retval, data_out.raw[: opts.data_size_out]
 
 
+ENOMEM_RETRIES = 50  # pauses of 10 ms without progress before an ENOMEM is the answer
+
+
 def update_batch(fd: int, keys: C.Array, values: C.Array, flags: int = BPF_ANY) -> int:
     """Write ``len(keys)`` entries; returns how many went in (fewer only when the map is full)."""
-    n, done = len(keys), 0
+    n, done, stalls = len(keys), 0, 0
     ksz, vsz = C.sizeof(keys._type_), C.sizeof(values) // max(n, 1)
     while done < n:
         count = C.c_uint32(n - done)
@@ -223,6 +227,12 @@ def update_batch(fd: int, keys: C.Array, values: C.Array, flags: int = BPF_ANY) 
         done += count.value
         if rc == -7:  # E2BIG: full
             return done
+        if rc == -12 and stalls < ENOMEM_RETRIES:
+            # ENOMEM: a map that is not preallocated takes its elements from per-CPU caches the kernel refills
+            # in the background; a batch of thousands can drain them. What went in stays; the rest, a moment later.
+            stalls = 0 if count.value else stalls + 1
+            time.sleep(0.01)
+            continue
         check(rc, "bpf_map_update_batch")
     return done
 
