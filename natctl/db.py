@@ -76,7 +76,10 @@ class SqliteDb(Db):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+        except sqlite3.OperationalError as err:  # locked by another natctl past the timeout, read-only, ...
+            raise self.error(err) from None
         try:
             yield
         except BaseException:

@@ -205,28 +205,17 @@ class Store:
         try:
             self.db.script(schema)
         except sqlite3.OperationalError as err:
-            raise self._busy(err) from None
-
-    def _busy(self, err: Exception) -> NatctlError:
-        return self.db.error(err)
+            raise self.db.error(err) from None
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def write(self) -> Iterator[Db]:
-        """A write transaction: committed if the block returns, rolled back if it raises."""
-        try:
-            transaction = self.db.transaction()
-            transaction.__enter__()
-        except sqlite3.OperationalError as err:
-            raise self._busy(err) from None
-        try:
+        """A write transaction: committed if the block returns, rolled back if it raises (natctl.db: each
+        engine's lock, and its errors as one-line NatctlErrors)."""
+        with self.db.transaction():
             yield self.db
-        except BaseException as err:
-            transaction.__exit__(type(err), err, err.__traceback__)
-            raise
-        transaction.__exit__(None, None, None)
 
     # --- which rows are this relay's
 
@@ -320,7 +309,7 @@ class Store:
                 self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?) ON CONFLICT DO NOTHING",
                                 (str(secrets.randbits(31) + 1),))
             except sqlite3.Error as err:  # locked by another writer, or read-only
-                raise self._busy(err) from None
+                raise self.db.error(err) from None
             value = self._meta("store_id")
         assert value is not None
         return int(value)

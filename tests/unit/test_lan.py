@@ -8,6 +8,7 @@ import base64
 import ipaddress
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -47,7 +48,9 @@ def test_settings_from_environment_and_options(tmp_path):
     path.write_text('[lan]\npool = "198.18.64.0/18"\ninterface = "fromfile"\n')
     s = lan_settings({"interface": "fromopt"}, {"NATCTL_LAN_LISTEN_PORT": "51999", "NATCTL_LAN_TTL": "2h"}, str(path))
     assert (s.pool, s.interface, s.listen_port, s.ttl) == ("198.18.64.0/18", "fromopt", 51999, 7200)
-    assert lan_settings({}, {}, "/nonexistent").pool == model.DEFAULT_POOL == "10.198.0.0/16"
+    # The default is the pool the README documents (a LAN's addresses; no test sends a packet there).
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert lan_settings({}, {}, "/nonexistent").pool == model.DEFAULT_POOL and f"`{model.DEFAULT_POOL}`" in readme
     with pytest.raises(UsageError, match="unknown LAN setting"):
         lan_settings({"colour": "blue"}, {}, "/nonexistent")
     with pytest.raises(UsageError, match="LAN MTU"):
