@@ -8,8 +8,6 @@ it, the daemon blocks the sender in the kernel for a while).
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import ipaddress
 import socket
 from collections.abc import Collection, Iterable
@@ -92,10 +90,14 @@ def sender_allowed(lobby: Lobby, ip: str) -> bool:
 
 def hash_token(token: str) -> str:
     """What the store keeps of a lobby's registration token (never the token itself)."""
+    import hashlib  # here: loading OpenSSL costs every other command ~9 ms
+
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def lobby_for_token(token: str, candidates: Iterable[Lobby]) -> Lobby | None:
     """The lobby whose token hash matches, compared in constant time."""
+    import hmac
+
     digest = hash_token(token)
     return next((lb for lb in candidates if hmac.compare_digest(lb.token_hash, digest)), None)

@@ -88,6 +88,8 @@ class FleetSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything a command or the daemon is configured with (defaults < file < NATCTL_* < options)."""
+
     state: str = "/var/lib/natctl/natctl.db"
     # The store: empty for the SQLite file at ``state``; a postgresql:// URL makes this relay a fleet member.
     store: str = ""

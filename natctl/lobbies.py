@@ -5,7 +5,6 @@ Each operation is one change through the Reconciler, scoped to its lobby.
 
 from __future__ import annotations
 
-import secrets
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -54,7 +53,7 @@ class Lobbies:
             raise UsageError(f"invalid --max-clients {max_clients}", "use 1 or more")
         for net in allow:
             check_allowed_network(net)
-        token = secrets.token_urlsafe(24)  # 192 bits
+        token = new_token()
         with self.rec.change(self.rec.lobby_scope(name), apply) as txn:
             if txn.store.lobby(name) is not None:
                 raise Conflict(f"a lobby named {name!r} is already open", "pick another name or close it first")
@@ -194,6 +193,13 @@ class Made:
         return self._batch.views(self._relay_ip, self._applied)
 
 
+def new_token() -> str:
+    """A lobby's registration token: 192 random bits (secrets imported here, for the commands that make one)."""
+    import secrets
+
+    return secrets.token_urlsafe(24)
+
+
 def check_host(lobby: str, known: Endpoint | None, addr: Endpoint, elsewhere: bool) -> None:
     """``addr`` may host ``lobby``: it is the host it has (``known``), or it has none and ``addr`` hosts no
     other lobby (``elsewhere``). One rule for 'map add' and a file."""
@@ -303,7 +309,7 @@ class _Batch:
             if not create:
                 lobbies.get(name, store)  # raises its NotFound
                 raise AssertionError
-            lobby = lobbies._new_lobby(name, secrets.token_urlsafe(24))
+            lobby = lobbies._new_lobby(name, new_token())
         elif store.fleet and lobby.relay != store.relay:  # its ports are another relay's to allocate
             raise Conflict(f"lobby {name!r} is placed on relay {lobby.relay!r}, not on this one",
                            "run a fleet's file of mappings on the relay of its lobbies (split it by relay)")

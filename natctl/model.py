@@ -31,6 +31,8 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class PortRange:
+    """An inclusive range of ports (the relay's, --ports LOW-HIGH)."""
+
     low: int
     high: int
 
@@ -46,6 +48,8 @@ class PortRange:
 
 @dataclass(frozen=True, slots=True)
 class Lobby:
+    """A lobby as the store keeps it: who may join, for how long, and where it is placed."""
+
     id: int
     name: str
     allow: tuple[str, ...] = ()

@@ -69,6 +69,8 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
+    """What one kernel transaction adds and deletes, and the generation tag it leaves."""
+
     # Tuples, sorted (see diff); a full reconcile's are natctl.packed.PackedElements, which the netlink
     # writer packs without making an Element of each.
     add: Sequence[Element] = ()

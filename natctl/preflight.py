@@ -53,6 +53,8 @@ class Facts:
 
 @dataclass(frozen=True)
 class Check:
+    """One line of `natctl doctor`: a check, whether it passed, and what to do if not."""
+
     name: str
     ok: bool
     detail: str

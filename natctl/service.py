@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from natctl import expiry
 from natctl.config import Settings
@@ -18,10 +19,12 @@ from natctl.forwards import Forwards
 from natctl.kernel.backend import Kernel
 from natctl.lobbies import Lobbies, Made
 from natctl.model import Client, Endpoint, Forward, Lobby, MappingLine
-from natctl.registrar import Admission, Registrar, Registration
 from natctl.store import Store
 from natctl.sync import Reconciler
 from natctl.views import ForwardView, LobbyView, MappingView, SyncResult
+
+if TYPE_CHECKING:
+    from natctl.registrar import Admission, Registrar, Registration
 
 
 class Service:
@@ -30,10 +33,20 @@ class Service:
         self.settings = settings
         self.rec = Reconciler(settings, kernel_factory, clock)
         self._lobbies = Lobbies(self.rec)
-        self._registrar = Registrar(self.rec)
+        self._registrar_: Registrar | None = None
         self._forwards = Forwards(self.rec)
 
     # --- what the rooms share
+
+    @property
+    def _registrar(self) -> Registrar:
+        """Built on first use: only the daemon's path registers hosts and admits clients, so a CLI command
+        skips importing it (and OpenSSL's hashing)."""
+        if self._registrar_ is None:
+            from natctl.registrar import Registrar
+
+            self._registrar_ = Registrar(self.rec)
+        return self._registrar_
 
     @property
     def store(self) -> Store:

@@ -11,7 +11,6 @@ receive a Reconciler; none of them knows who calls it.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +23,7 @@ from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, Exhausted, KernelError, NatctlError, OwnedElsewhere, UsageError
 from natctl.kernel.backend import Kernel
 from natctl.model import Endpoint, Host, Snapshot
-from natctl.preflight import ensure_forwarding
-from natctl.store import Store
+from natctl.store import Store, random_tag
 from natctl.views import SyncResult
 
 if TYPE_CHECKING:
@@ -40,6 +38,13 @@ ElementScope = Callable[[Store], frozenset[planner.Element]]  # one lobby's, cli
 NOT_A_RELAY = ""
 # Every map a relay may own: a change planned for another relay's kernel leaves out what that kernel lacks.
 ALL_SETS = planner.NFT_SETS | {planner.XDP}
+
+
+def ensure_forwarding(settings: Settings) -> None:
+    """natctl.preflight.ensure_forwarding, imported when a kernel write first needs it (not by every command)."""
+    from natctl.preflight import ensure_forwarding as check
+
+    check(settings)
 
 
 class Effect(Protocol):
@@ -236,7 +241,7 @@ class Reconciler:
                     scope = (lambda _st: local)  # noqa: E731  what this relay's kernel holds of the scope
                 if apply:
                     start = time.perf_counter()
-                    tag = secrets.randbits(31)
+                    tag = random_tag()
                     scoped = self._apply_scoped(store, scope, before, tag) if before is not None else None
                     changes = scoped if scoped is not None else self._apply_full(store, tag)
                     if scoped is None and fleet is not None:
@@ -288,7 +293,7 @@ class Reconciler:
         for changes in waiting:
             merged = compose(merged, changes)
         owns = self.kernel.owns
-        tag = secrets.randbits(31)
+        tag = random_tag()
         merged = replace(merged, add=tuple(e for e in merged.add if e.set in owns),
                          delete=tuple(e for e in merged.delete if e.set in owns), generation=tag)
         try:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 @dataclass(frozen=True)
 class LobbyView:
+    """One lobby as listings show it."""
+
     name: str
     id: int
     allow: list[str]
@@ -31,6 +33,8 @@ class LobbyView:
 
 @dataclass(frozen=True)
 class MappingView:
+    """One mapping as listings and `map add` show it."""
+
     lobby: str
     proto: str
     host: str
@@ -59,6 +63,8 @@ class MappingView:
 
 @dataclass(frozen=True)
 class ForwardView:
+    """One port forward as listings show it."""
+
     port: int
     proto: str
     to: str
@@ -76,6 +82,8 @@ class ForwardView:
 
 @dataclass(frozen=True)
 class SyncResult:
+    """What one sync did to the kernel."""
+
     backend: str
     added: int
     deleted: int

@@ -157,6 +157,8 @@ class BpfObject:
 
 @dataclass(frozen=True)
 class Info:
+    """What the kernel says of a loaded BPF program (id, name, maps) or map (id, name, sizes, type)."""
+
     id: int
     name: str
     map_ids: tuple[int, ...] = ()

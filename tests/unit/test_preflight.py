@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from natctl import config, preflight
+from natctl import config, preflight, sync
 from natctl.cli.app import app
 from natctl.config import Settings
 from natctl.errors import ForwardingOff, UsageError
@@ -182,7 +182,7 @@ def test_fix_forwarding_from_the_config_file(tmp_path):
 
 
 def test_only_the_machines_own_kernel_is_checked():
-    assert Reconciler(Settings()).preflight is preflight.ensure_forwarding
+    assert Reconciler(Settings()).preflight is sync.ensure_forwarding  # which calls preflight's
     assert Reconciler(Settings(), kernel_factory=FakeKernel).preflight is None  # tests, the bench: the caller's
 
 
