@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  one more mapping via {what}: {d['total_ms']:.2f} ms (kernel transaction "
                   f"{d['kernel_apply_ms']:.2f} ms, reading the kernel {d['kernel_read_ms']:.0f} ms), "
                   f"{d['elements_sent']} elements sent, only that mapping's: {'yes' if d['only_that_mapping'] else 'NO'}")
+        for case, what in (("sealed", "nftables as natctl left it"), ("after_foreign_commit", "after another "
+                                                                      "program's nftables transaction")):
+            n = info["noop"][case]
+            print(f"  natctl apply with nothing to do, {what}: {n['s']:.2f} s (maps checked by: {n['checked']}"
+                  f"{', CHANGED' if n['changed'] else ''})")
     return 0
 
 

@@ -129,6 +129,7 @@ def unpack(name: str, data: bytes, comment: str = "") -> Element:
 # A client as plan() reads it: lobby id, proto, ip, port, relay port, host ip, host port (None: its host's
 # registered address), pending. Store.client_rows gives these without a Client object per row.
 ClientRow = tuple[int, str, str, int, int, "str | None", "int | None", int]
+MAPPING_SETS = frozenset({DNAT, SNAT, XDP})  # the maps planned from the clients' rows
 
 
 def plan(snap: Snapshot, now: float | None, sets: Collection[str] | None = None,

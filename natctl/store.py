@@ -289,21 +289,40 @@ class Store:
         self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
-    def _generation_key(self, relay: str | None = None) -> str:
+    def _relay_key(self, name: str, relay: str | None = None) -> str:
+        """A per-relay meta key: ``name`` on one relay, ``name@RELAY`` in a fleet."""
         relay = self.relay if relay is None else relay
-        return f"generation@{relay}" if relay else "generation"
+        return f"{name}@{relay}" if relay else name
 
     def generation(self) -> int | None:
         """The tag of the last change this store saw the kernel take (see plan.Changes.generation)."""
-        value = self._meta(self._generation_key())
+        value = self._meta(self._relay_key("generation"))
         return int(value) if value is not None else None
 
     def set_generation(self, generation: int) -> None:
-        self._set_meta(self._generation_key(), str(generation))
+        self._set_meta(self._relay_key("generation"), str(generation))
 
     def forget_generation(self, relay: str) -> None:
         """That relay's kernel is no longer known to mirror its rows: its next change reconciles in full."""
-        self.db.execute("DELETE FROM meta WHERE key=?", (self._generation_key(relay),))
+        self.db.execute("DELETE FROM meta WHERE key IN (?, ?)",
+                        (self._relay_key("generation", relay), self._relay_key("ruleset", relay)))
+
+    def ruleset(self) -> str | None:
+        """What proves this relay's nftables untouched since this store last wrote to it (natctl.sync): the
+        ruleset generation that write left and the relay IP it was planned for; None: nothing proves it."""
+        return self._meta(self._relay_key("ruleset"))
+
+    def clear_rulesets(self) -> None:
+        """Rows changed without the kernel (``--no-apply``, another machine of a fleet): no relay's kernel is
+        proven to hold their plan any more."""
+        self.db.execute("DELETE FROM meta WHERE key='ruleset' OR key LIKE 'ruleset@%'")
+
+    def set_ruleset(self, value: str | None) -> None:
+        key = self._relay_key("ruleset")
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+        else:
+            self._set_meta(key, value)
 
     def store_id(self) -> int:
         """This store's identity, made once at random: the kernel's table names the store it belongs to

@@ -47,6 +47,23 @@ def ensure_forwarding(settings: Settings) -> None:
     check(settings)
 
 
+
+def _expiring(snap: Snapshot, now: float) -> bool:
+    """Has a lobby or forward of the snapshot passed its TTL (so the plan at ``now`` may differ from the
+    plan of an earlier write, with no row changed)?"""
+    return any(lb.closed is None and lb.expired(now) for lb in snap.lobbies) or \
+        any(f.expired(now) for f in snap.forwards)
+
+
+def _kernel_instance() -> str:
+    """This boot and network namespace: where a ruleset generation counts."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot} {os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return "unknown"
+
 class Effect(Protocol):
     """State outside the kernel's NAT maps that must match the rows (a VPN's peers).
 
@@ -191,7 +208,8 @@ class Reconciler:
     # --- the one way to change state
 
     @contextmanager
-    def change(self, scope: Scope | None = None, apply: bool = True, effect: Effect | None = None) -> Iterator[Txn]:
+    def change(self, scope: Scope | None = None, apply: bool = True, effect: Effect | None = None,
+               unchanged: bool = False) -> Iterator[Txn]:
         """Store rows, outside ``effect`` and kernel change together, or none of them.
 
         ``scope`` plans just the elements a change can touch (one lobby's, one
@@ -200,7 +218,8 @@ class Reconciler:
         those are planned, before and after the change, and their difference
         applied: milliseconds however many mappings are installed. Otherwise,
         and without a scope, the whole desired state is diffed against what
-        the kernel holds.
+        the kernel holds. ``unchanged``: the caller changes no row (apply), so a kernel proven as the
+        store's last write left it (its ruleset generation, see _sealed) needs none of its maps read.
         """
         # Not a relay of the fleet (an operator's machine): no kernel here, nothing to turn on; what this
         # change plans for the fleet's relays goes to their outboxes.
@@ -224,6 +243,10 @@ class Reconciler:
                     self.check_owner()  # before any row changes: a full reconcile would undo another store's
                 if apply and mirrored and fleet is not None:
                     mirrored = self._drain(fleet, store)  # first what other relays' changes left for this kernel
+                ruleset, sealed = self._sealed(store) if apply else (None, False)
+                sealed = sealed and mirrored
+                if not apply:
+                    store.clear_rulesets()  # rows may change here without the kernel: nothing stays proven
                 before = before_by = None
                 if scope is not None and fleet is None and mirrored:
                     before = scope(store)
@@ -243,13 +266,18 @@ class Reconciler:
                     start = time.perf_counter()
                     tag = random_tag()
                     scoped = self._apply_scoped(store, scope, before, tag) if before is not None else None
-                    changes = scoped if scoped is not None else self._apply_full(store, tag)
+                    checked = "scoped"
+                    if scoped is None:
+                        changes, checked = self._apply_full(store, tag, sealed and unchanged and scope is None)
+                    else:
+                        changes = scoped
                     if scoped is None and fleet is not None:
                         fleet.clear(store.relay or "")  # a full reconcile holds all that waited for this kernel
                     if changes.generation is not None:
                         store.set_generation(changes.generation)
+                    self._seal(store, ruleset, sealed, changes.generation is not None, verified=scoped is None)
                     txn.result = SyncResult(self.kernel.name, len(changes.add), len(changes.delete),
-                                            changes.create_table, 0, time.perf_counter() - start)
+                                            changes.create_table, 0, time.perf_counter() - start, checked)
         except BaseException:
             if effect is not None and touched:
                 effect.undo(store)
@@ -332,15 +360,22 @@ class Reconciler:
                 return None
         return changes
 
-    def _apply_full(self, store: Store, tag: int) -> planner.Changes:
+    def _apply_full(self, store: Store, tag: int, sealed: bool = False) -> tuple[planner.Changes, str]:
+        """Plan everything, read the kernel (not nftables' maps while ``sealed``), apply the difference:
+        (the changes, how the kernel was checked: see SyncResult.checked)."""
         from natctl import packed
 
         # Planned, read and compared as bytes (natctl.packed): no object per element at 400,000 of them.
-        desired = packed.plan(store.snapshot(self.relay_ip, clients=False), self.clock(), self.kernel.owns,
-                              store.client_rows())
-        check_capacity(len(desired.get(planner.DNAT, ())))
+        snap, now = store.snapshot(self.relay_ip, clients=False), self.clock()
         read_packed = getattr(self.kernel, "read_packed", None)  # a test's kernel may lack it
-        installed = read_packed() if read_packed is not None else self.kernel.read()
+        # nftables untouched since the store's last write, which the kernel took (sealed), and nothing in the
+        # store expired since (the plan depends on the time only through TTLs): its maps hold that write's
+        # plan, so they are neither planned nor read (at 100,000 mappings the dump alone takes seconds).
+        skip = planner.NFT_SETS if sealed and read_packed is not None and not _expiring(snap, now) else frozenset()
+        sets = self.kernel.owns - skip
+        desired = packed.plan(snap, now, sets, store.client_rows() if sets & packed.MAPPING_SETS else ())
+        check_capacity(len(desired.get(planner.DNAT, ())))
+        installed = read_packed(skip) if read_packed is not None else self.kernel.read()
         held = installed.packed if installed.packed is not None else packed.held(installed.elements)
         changes = packed.diff(desired, held, installed.table_ok)
         del desired, held, installed  # what the change needs it holds itself
@@ -351,11 +386,40 @@ class Reconciler:
             self.kernel.apply(changes)
             if self.settings.adopt:  # taken over: from here on this store defends it like any other
                 self.settings = replace(self.settings, adopt=False)
-        return changes
+        return changes, "ruleset" if skip else "read"
+
+    def _sealed(self, store: Store) -> tuple[int | None, bool]:
+        """nftables' ruleset generation now, and whether it is the one this store's last write to this
+        kernel left (then no program changed nftables since: natctl.kernel.nldump.ruleset_generation)."""
+        now = self.kernel.ruleset()
+        return now, now is not None and store.ruleset() == self._ruleset_record(now)
+
+    def _seal(self, store: Store, before: int | None, sealed: bool, wrote: bool, verified: bool) -> None:
+        """Record the ruleset generation that proves the kernel as this change left it. ``before``: the
+        generation at the change's start; ``verified``: the kernel was read in full (or proved sealed) after
+        that. A write seals only if its own were the only commits since ``before`` and what it changed on was
+        known."""
+        if before is None:
+            return
+        if not wrote:
+            if verified:
+                store.set_ruleset(self._ruleset_record(before))
+            return
+        expected = before
+        for _ in range(self.kernel.transactions):
+            expected = (expected + 1) & 0xFFFFFFFF or 1  # the kernel's count skips 0
+        after = self.kernel.ruleset()
+        if (verified or sealed) and after == expected:
+            store.set_ruleset(self._ruleset_record(after))
+
+    def _ruleset_record(self, generation: int) -> str:
+        """A ruleset generation as the store keeps it, with what else the plan and the count depend on: the
+        relay IP (in every snat element), and this boot and network namespace (each counts on its own)."""
+        return f"{generation} {self.relay_ip} {_kernel_instance()}"
 
     def apply(self) -> SyncResult:
         """Make the kernel hold exactly what the store says (a no-op when it already does)."""
-        with self.change() as txn:
+        with self.change(unchanged=True) as txn:
             pass
         assert txn.result is not None
         return txn.result

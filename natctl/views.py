@@ -90,6 +90,10 @@ class SyncResult:
     created_table: bool
     flows_forgotten: int
     seconds: float
+    # How the kernel was known before the change: "read" (its maps read and compared), "ruleset" (nftables'
+    # ruleset generation proved it as natctl's last write left it: no map of it read), "scoped" (only the
+    # change's own elements, the kernel carrying the store's tag)
+    checked: str = "read"
 
     @property
     def changed(self) -> bool:

@@ -75,7 +75,9 @@ def apply(ctx: typer.Context, as_json: JsonOpt = False, adopt: AdoptOpt = False)
         say(f"applied in one transaction ({result.backend}): +{result.added} -{result.deleted} elements"
             + (", table created" if result.created_table else "") + f" in {result.seconds * 1000:.1f} ms")
     else:
-        say("nothing to do: the kernel already matches the store")
+        say("nothing to do: the kernel already matches the store" + (
+            " (nftables unchanged since natctl's last write: its ruleset generation says so)"
+            if result.checked == "ruleset" else ""))
 
 
 @app.command()

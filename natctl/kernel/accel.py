@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from natctl import packed
 from natctl.config import Settings
@@ -51,14 +51,21 @@ class XdpKernel:
                 installed.counters[(XDP, key)] = stats.get(key, (0, 0, 0))[:2]
         return installed
 
-    def read_packed(self) -> Installed:
-        installed = self.nft.read_packed()
-        if XDP in self.owns and installed.packed is not None:
+    def read_packed(self, skip: Collection[str] = ()) -> Installed:
+        installed = self.nft.read_packed(skip)
+        if XDP in self.owns and XDP not in skip and installed.packed is not None:
             installed.packed[XDP] = {packed.pack(Element(XDP, k, v)) for k, v in self.prog.entries().items()}
         return installed
 
     def generation(self) -> int | None:
         return self.nft.generation()
+
+    def ruleset(self) -> int | None:
+        return self.nft.ruleset()  # nftables' only: the XDP map has no generation, so a reconcile reads it
+
+    @property
+    def transactions(self) -> int:
+        return self.nft.transactions
 
     def owner(self) -> Owner | None:
         return self.nft.owner()  # the owner lives in the nftables table; the XDP map follows whoever owns it

@@ -9,7 +9,7 @@ natctl.kernel.fake applies transactions atomically in memory for unit tests
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 from natctl.kernel.nft import DELIVERY_MARK, Installed
@@ -27,9 +27,20 @@ class Kernel(Protocol):
 
     def read(self, sets: Iterable[str] | None = None) -> Installed: ...
 
-    def read_packed(self) -> Installed:
+    def read_packed(self, skip: Collection[str] = ()) -> Installed:
         """table_ok, present and the elements as bytes per map (Installed.packed, natctl.packed): what a
-        full reconcile compares its plan with, without an Element (nor counters) per element."""
+        full reconcile compares its plan with, without an Element (nor counters) per element. The maps in
+        ``skip`` are not read (the ruleset generation proved them as natctl's last write left them)."""
+        ...
+
+    def ruleset(self) -> int | None:
+        """nftables' ruleset generation (natctl.kernel.nldump.ruleset_generation): one more for every
+        committed transaction, whoever made it. None where it cannot be known."""
+        ...
+
+    @property
+    def transactions(self) -> int:
+        """How many nftables transactions the last ``apply`` committed."""
         ...
 
     def generation(self) -> int | None: ...
@@ -70,8 +81,15 @@ class NftKernel:
     def read(self, sets: Iterable[str] | None = None) -> Installed:
         return self.nft.read(sets)
 
-    def read_packed(self) -> Installed:
-        return self.nft.read_packed()
+    def read_packed(self, skip: Collection[str] = ()) -> Installed:
+        return self.nft.read_packed(skip)
+
+    def ruleset(self) -> int | None:
+        return self.nft.ruleset()
+
+    @property
+    def transactions(self) -> int:
+        return self.nft.transactions
 
     def generation(self) -> int | None:
         return self.nft.generation()

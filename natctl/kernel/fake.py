@@ -11,7 +11,7 @@ asks for, not what the kernel does with it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from natctl import packed
 from natctl.errors import KernelError
@@ -79,6 +79,7 @@ class FakeKernel:
 
     name = "fake"
     owns = NFT_SETS
+    transactions = 1
     delivery_mark = DELIVERY_MARK
 
     def __init__(self, fail: bool = False) -> None:
@@ -87,6 +88,9 @@ class FakeKernel:
         self.fail = fail
         self.gen: int | None = None
         self.reads = 0  # full reads: tests check that scoped changes avoid them
+        # nftables' ruleset generation, one more per committed change; None: not modelled (tests that edit
+        # ``installed`` by hand, as a foreign program would, must then add one themselves)
+        self.commits: int | None = None
         self.blocked: list[tuple[str, int]] = []
         self.forgotten: list[Flow] = []  # conntrack flows natctl asked to forget
 
@@ -99,11 +103,14 @@ class FakeKernel:
         return Installed(self.installed.table_ok, self.installed.present, set(self.installed.elements),
                          dict(self.installed.counters), owner=self.installed.owner)
 
-    def read_packed(self) -> Installed:
+    def read_packed(self, skip: Collection[str] = ()) -> Installed:
         """``read`` as a full reconcile reads the real kernel: its elements as bytes (natctl.packed)."""
-        self.reads += 1
-        return Installed(self.installed.table_ok, self.installed.present, owner=self.installed.owner,
-                         packed=packed.held(self.installed.elements))
+        self.reads += 1 if self.owns - set(skip) else 0  # only the table's layout: no map read
+        held = packed.held(e for e in self.installed.elements if e.set not in skip)
+        return Installed(self.installed.table_ok, self.installed.present, owner=self.installed.owner, packed=held)
+
+    def ruleset(self) -> int | None:
+        return self.commits
 
     def apply(self, changes: Changes) -> None:
         if not changes:
@@ -121,6 +128,8 @@ class FakeKernel:
         self.installed = Installed(True, True, elements, counters, owner=changes.owner or owner)
         if changes.create_table or changes.generation is not None:
             self.gen = changes.generation
+        if self.commits is not None:
+            self.commits += 1
 
     def generation(self) -> int | None:
         return self.gen
@@ -134,10 +143,12 @@ class FakeKernel:
         return len(flows)
 
     def block(self, ip: str, port: int) -> None:
-        self.blocked.append((ip, port))
+        self.block_all([(ip, port)])
 
     def block_all(self, senders: Iterable[tuple[str, int]]) -> None:
         self.blocked.extend(dict.fromkeys(senders))
+        if self.commits is not None:  # a transaction of its own, as in the kernel
+            self.commits += 1
 
     def uninstall(self) -> bool:
         existed = self.installed.present

@@ -14,7 +14,7 @@ import ipaddress
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,6 +301,7 @@ class Nft:
 
     def __init__(self, writer: str | None = None) -> None:
         self.writer = writer_from_env(writer)
+        self.transactions = 0  # how many the last apply committed: the skeleton and then its elements are two
         try:
             import nftables
         except ImportError:
@@ -354,9 +355,9 @@ class Nft:
             raise KernelError(f"cannot read table inet {TABLE}: {err.strip()}", "is nf_tables available?")
         return parse_listing(json.loads(out))
 
-    def read_packed(self) -> Installed:
+    def read_packed(self, skip: Collection[str] = ()) -> Installed:
         """Whether the table is there with this layout, and its maps' elements as bytes (natctl.packed), all
-        through netlink dumps (libnftables would list every element, even tersely)."""
+        through netlink dumps (libnftables would list every element, even tersely); not those in ``skip``."""
         from natctl.kernel import nldump
 
         try:
@@ -364,7 +365,7 @@ class Nft:
             found = Installed(present=bool(names), packed={})
             found.table_ok = names >= {SCHEMA, "generation", "owner", *TYPES, *CHAINS}
             if found.table_ok:  # else a diff rebuilds it whole: its elements do not matter
-                found.packed = nldump.read(TABLE, sorted(TYPES))
+                found.packed = nldump.read(TABLE, sorted(set(TYPES) - set(skip)))
         except OSError as err:
             raise KernelError(f"cannot read table inet {TABLE}: {err.strerror}", "is nf_tables available?") from None
         return found
@@ -372,6 +373,7 @@ class Nft:
     def apply(self, changes: Changes) -> None:
         if not changes:
             return
+        self.transactions = 1
         if self.writer == "nft":
             self.run(render(changes))
             return
@@ -382,6 +384,7 @@ class Nft:
                 self.run(render(changes))
                 return
             self.run(render(Changes(create_table=True)))  # the skeleton, then its elements
+            self.transactions = 2
             try:
                 nlbatch.send(changes, TABLE)
             except BaseException:
@@ -396,6 +399,15 @@ class Nft:
         return rc == 0 and any(item.get("table", {}).get("name") == TABLE
                                and item["table"].get("family") == "inet"
                                for item in json.loads(out).get("nftables", []))
+
+    def ruleset(self) -> int | None:
+        """nftables' ruleset generation in this namespace (nldump.ruleset_generation); None if unreadable."""
+        from natctl.kernel import nldump
+
+        try:
+            return nldump.ruleset_generation()
+        except OSError:
+            return None
 
     def generation(self) -> int | None:
         """The tag of the last change applied (see Changes.generation); None without one."""

@@ -189,3 +189,35 @@ def read(table: str, names: list[str], counted: bool = False) -> dict[str, set[b
         return out
     finally:
         s.close()
+
+
+NFT_MSG_GETGEN, NFTA_GEN_ID = 16, 1
+
+
+def ruleset_generation() -> int:
+    """nftables' ruleset generation in this network namespace (NFT_MSG_GETGEN): every committed
+    transaction adds one, of any table, by any program; packets updating a dynamic set and elements
+    timing out do not. The number natctl's own last commit left, read again later, proves that nothing
+    changed nftables since (natctl.sync: a full reconcile then need not dump its maps). OSError if refused."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        s.bind((0, 0))
+        payload = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
+        s.send(struct.pack("=IHHII", 16 + len(payload), kind, NLM_F_REQUEST, 1, 0) + payload)
+        buf = s.recv(1 << 12)
+    finally:
+        s.close()
+    length, kind, _flags, _seq = struct.unpack_from("=IHHI", buf, 0)
+    if kind == NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", buf, 16)
+        raise OSError(-code, os.strerror(-code))
+    pos = 20  # after the nfgenmsg
+    while pos + 4 <= min(length, len(buf)):
+        alen, atype = struct.unpack_from("=HH", buf, pos)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == NFTA_GEN_ID and alen >= 8:
+            return int(struct.unpack_from("!I", buf, pos + 4)[0])
+        pos += (alen + 3) & ~3
+    raise OSError(errno.EPROTO, "no NFTA_GEN_ID in the kernel's answer")

@@ -11,7 +11,7 @@ import pytest
 
 from natctl.lab import topology
 from natctl.lab.netns import entered, run, spawn, stop
-from natctl.lab.traffic import drain
+from natctl.lab.traffic import drain, payload, send_and_receive
 from support import labs
 from support.scenarios import add, lobbies_isolated, pub, udp_both_ways
 
@@ -112,6 +112,35 @@ def test_apply_twice_changes_nothing_and_uninstall_touches_only_natctl(lab, rela
         # The store is the truth: apply rebuilds the same table.
         assert relay.json("apply")["created_table"]
         assert listing(lab) == before
+    finally:
+        run(["nft", "delete", "table", "inet", "someone_else"], ns=lab.relay_ns, check=False)
+
+
+def test_apply_reads_no_map_until_something_else_changes_nftables(lab, relay, socks):
+    """natctl's own changes leave nftables' ruleset generation proving the table as they left it, so apply
+    reads none of its maps; a hand edit, or any other program's transaction, makes apply read them all
+    again and repair what was changed, traffic included."""
+    relay("lobby", "create", "a")
+    m = add(relay, lab, socks, "a", "host", "client1")
+    before = listing(lab)
+    assert relay.json("apply")["checked"] == "ruleset"
+    dnat = json.loads(run(["nft", "-j", "list", "map", "inet", "natctl", "dnat4"], ns=lab.relay_ns).stdout)
+    elem = next(i["map"]["elem"][0] for i in dnat["nftables"] if "map" in i)
+    key = " . ".join(str(v) for v in elem[0]["elem"]["val"]["concat"])  # with its comment: {"elem": {"val": ...}}
+    run(["nft", "delete", "element", "inet", "natctl", "dnat4", "{ " + key + " }"], ns=lab.relay_ns)
+    assert listing(lab) != before
+    result = relay.json("apply")
+    assert (result["checked"], result["added"], result["deleted"]) == ("read", 1, 0)
+    assert listing(lab) == before
+    r = lab.relay_ip
+    for src, dst, to, seen in (("client1", "host", m["host_port"], m["client_port"]),
+                               ("host", "client1", m["client_port"], m["host_port"])):
+        d = send_and_receive(socks[src], socks[dst], (r, to), payload(512))
+        assert d.intact and d.seen_from == (r, seen), d
+    assert relay.json("apply")["checked"] == "ruleset"
+    run(["nft", "add", "table", "inet", "someone_else"], ns=lab.relay_ns)  # any transaction, any table
+    try:
+        assert relay.json("apply")["checked"] == "read"
     finally:
         run(["nft", "delete", "table", "inet", "someone_else"], ns=lab.relay_ns, check=False)
 

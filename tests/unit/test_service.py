@@ -292,3 +292,50 @@ def test_more_mappings_than_a_relay_holds_are_refused_before_the_kernel(svc, mon
     with pytest.raises(Exhausted, match="3 mappings are more than one relay holds") as err:
         svc.map_add("a", Endpoint("198.18.1.1", 5000), [Endpoint("198.18.2.3", 3)])
     assert err.value.exit_code == 5 and svc.mappings() == before
+
+
+def test_a_full_reconcile_reads_no_map_while_nftables_is_as_natctl_left_it(svc):
+    """nftables' ruleset generation (FakeKernel.commits) proves the kernel as the store's last write left it:
+    a full reconcile then plans and reads no nftables map; any other commit, a TTL run out or another relay
+    IP makes it read them all again, and it repairs what was changed."""
+    from dataclasses import replace
+
+    from natctl.plan import HOSTPORTS
+
+    now = [1000.0]
+    svc.rec.clock = lambda: now[0]
+    svc.fake.commits = 0  # model the kernel's count of transactions
+    reads = svc.fake.reads
+    svc.lobby_create("a", ttl=600)  # the first change reconciles in full: read, then proven by its one commit
+    assert svc.fake.reads == reads + 1
+    svc.map_add("a", H, [C1])  # scoped, the one commit since: still proven
+    assert svc.apply().changed is False and svc.map_add("a", H, [C2]) and svc.apply().changed is False
+    assert svc.fake.reads == reads + 1
+
+    # Another program's transaction: an element gone behind natctl's back, and the count moved on.
+    port = next(e for e in svc.fake.installed.elements if e.set == HOSTPORTS)
+    svc.fake.installed = replace(svc.fake.installed, elements=svc.fake.installed.elements - {port})
+    svc.fake.commits += 1
+    result = svc.apply()
+    assert svc.fake.reads == reads + 2 and result.added == 1 and port in svc.fake.installed.elements
+    assert svc.apply().changed is False and svc.fake.reads == reads + 2
+
+    svc.fake.block("198.18.7.7", 20000)  # the daemon's blocks are transactions too
+    assert svc.apply().changed is False and svc.fake.reads == reads + 3
+    svc.map_add("a", H, [Endpoint("198.18.2.2", 40003)], apply=False)  # rows without the kernel
+    assert svc.apply().added == 4 and svc.fake.reads == reads + 4
+    reads += 1
+
+    now[0] += 601  # the lobby's TTL ran out, no row changed: the plan at this time has none of it
+    result = svc.apply()
+    assert svc.fake.reads == reads + 4 and result.deleted > 0
+    assert not [e for e in svc.fake.installed.elements if e.set != HOSTPORTS and e.comment == "lobby a"]
+
+    svc.lobby_close("a")
+    svc.lobby_create("b")
+    svc.map_add("b", H, [C1])
+    assert svc.apply().changed is False
+    reads = svc.fake.reads
+    svc.rec._relay_ip = "198.18.0.2"  # a new relay IP (in every snat element): no proof holds
+    result = svc.apply()
+    assert svc.fake.reads == reads + 1 and result.added == result.deleted > 0
