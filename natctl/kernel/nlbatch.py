@@ -317,7 +317,7 @@ def batch(msgs: list[tuple[int, bytes]], first_seq: int, keep: int | None = None
 _local = threading.local()
 
 
-def _socket() -> socket.socket:
+def thread_socket() -> socket.socket:
     """This thread's nfnetlink socket, kept while the thread stays in its network namespace (closing one
     right after a commit waits for an RCU grace period, see natctl.kernel.conntrack)."""
     ns = os.stat("/proc/thread-self/ns/net").st_ino
@@ -362,10 +362,17 @@ def _unwritable(changes: Changes, err: Exception) -> str:
     return str(err)
 
 
+def next_seq(count: int = 1) -> int:
+    """The first of ``count`` new sequence numbers of this process's nfnetlink messages."""
+    global _seq
+    first = _seq + 1
+    _seq += count
+    return first
+
+
 def send(changes: Changes, table: str) -> int:
     """Write a change's elements in one batch; how many messages it took. Raises KernelError if refused
     (then the kernel holds nothing of it)."""
-    global _seq
     try:
         msgs = messages(changes, table)
     except (struct.error, ValueError, KeyError, TypeError, OSError, IndexError) as err:
@@ -373,10 +380,9 @@ def send(changes: Changes, table: str) -> int:
                           "this element does not fit its set's type") from None
     if not msgs:
         return 0
-    first = _seq + 1
-    _seq += len(msgs) + 2
+    first = next_seq(len(msgs) + 2)
     data = batch(msgs, first, keep=256)
-    s = _socket()
+    s = thread_socket()
     want = len(data) + 65536
     if want > _local.buf:  # the whole batch goes in one send, so one skb: the buffers must hold it
         s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, want)

@@ -198,17 +198,20 @@ def ruleset_generation() -> int:
     """nftables' ruleset generation in this network namespace (NFT_MSG_GETGEN): every committed
     transaction adds one, of any table, by any program; packets updating a dynamic set and elements
     timing out do not. The number natctl's own last commit left, read again later, proves that nothing
-    changed nftables since (natctl.sync: a full reconcile then need not dump its maps). OSError if refused."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        s.bind((0, 0))
-        payload = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-        s.send(struct.pack("=IHHII", 16 + len(payload), kind, NLM_F_REQUEST, 1, 0) + payload)
-        buf = s.recv(1 << 12)
-    finally:
-        s.close()
-    length, kind, _flags, _seq = struct.unpack_from("=IHHI", buf, 0)
+    changed nftables since (natctl.sync: a full reconcile then need not dump its maps). OSError if refused.
+    Asked on the thread's nfnetlink socket (nlbatch.thread_socket): a socket closed right after a commit
+    waits for an RCU grace period, 6 ms of every change."""
+    from natctl.kernel.nlbatch import next_seq, thread_socket
+
+    s, seq = thread_socket(), next_seq()
+    payload = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    s.send(struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST,
+                       seq, 0) + payload)
+    while True:  # the answer is queued within the send; anything older on the socket is passed over
+        buf = s.recv(1 << 16)
+        length, kind, _flags, mseq = struct.unpack_from("=IHHI", buf, 0)
+        if mseq == seq:
+            break
     if kind == NLMSG_ERROR:
         (code,) = struct.unpack_from("=i", buf, 16)
         raise OSError(-code, os.strerror(-code))
