@@ -3,8 +3,8 @@
 A fresh VPS has ``net.ipv4.ip_forward=0``: the daemon then delivers a client's
 first packet itself and the kernel forwards nothing after it, without a word.
 ``evaluate`` is pure (``Facts`` in, ``Check`` results out); ``read_facts`` and
-``gather`` read the facts from /proc/sys and the system; ``ensure_forwarding``
-runs once before a natctl process first writes mappings to the kernel.
+``gather`` read the facts from /proc/sys and the system (natctl.kernel.forwarding
+turns forwarding on before a process first writes mappings to the kernel).
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from dataclasses import dataclass, replace
 
 from natctl.config import Settings
-from natctl.errors import ForwardingOff, NatctlError
+from natctl.errors import NatctlError
+from natctl.kernel.forwarding import SYSCTL_DROPIN, TURN_ON, read_int
 from natctl.kernel.nft import TABLE
 
-SYSCTL_DROPIN = "60-natctl.conf"  # in /etc/sysctl.d: read at boot by systemd-sysctl
-DROPIN_TEXT = "# written by 'natctl install-units': the relay forwards packets\nnet.ipv4.ip_forward = 1\n"
 FORWARD_KEYS = ("net.ipv4.ip_forward", "net.ipv4.conf.all.forwarding")  # the same switch, two names
 # Where sysctl.d(5) files live; a name in an earlier directory hides the same name in later ones.
 SYSCTL_DIRS = ("etc/sysctl.d", "run/sysctl.d", "usr/local/lib/sysctl.d", "usr/lib/sysctl.d", "lib/sysctl.d")
-TURN_ON = "sysctl -w net.ipv4.ip_forward=1"
 
 
 @dataclass(frozen=True)
@@ -159,11 +156,6 @@ def _text(path: str) -> str | None:
         return None
 
 
-def _int(path: str) -> int | None:
-    text = _text(path)
-    return int(text) if text is not None and text.strip().isdigit() else None
-
-
 def _module(root: str, name: str, release: str) -> bool:
     """Loaded (or built in with parameters), or listed among the running kernel's modules."""
     if os.path.isdir(os.path.join(root, "sys/module", name)):
@@ -203,9 +195,9 @@ def read_facts(root: str = "/", interface: str = "", relay_ip: str = "", relay_i
     release = release or os.uname().release
     at_boot, source = boot_forward(root)
     return Facts(
-        ip_forward=_int(os.path.join(conf, "ip_forward")), forward_at_boot=at_boot, boot_source=source,
-        interface=interface, rp_filter_all=_int(os.path.join(conf, "conf/all/rp_filter")),
-        rp_filter_iface=_int(os.path.join(conf, "conf", interface, "rp_filter")) if interface else None,
+        ip_forward=read_int(os.path.join(conf, "ip_forward")), forward_at_boot=at_boot, boot_source=source,
+        interface=interface, rp_filter_all=read_int(os.path.join(conf, "conf/all/rp_filter")),
+        rp_filter_iface=read_int(os.path.join(conf, "conf", interface, "rp_filter")) if interface else None,
         # conntrack's sysctl appears in a namespace once the module serves it
         conntrack=os.path.exists(os.path.join(root, "proc/sys/net/netfilter/nf_conntrack_max"))
         or _module(root, "nf_conntrack", release),
@@ -263,22 +255,3 @@ def gather(settings: Settings) -> Facts:
 
         facts = replace(facts, **fleet_facts(settings, relay_ip))
     return facts
-
-
-def ensure_forwarding(settings: Settings, root: str = "/") -> None:
-    """Before natctl's first kernel write: turn IP forwarding on (saying so once), or refuse."""
-    path = os.path.join(root, "proc/sys/net/ipv4/ip_forward")
-    if _int(path) == 1:
-        return
-    off = "IP forwarding is off (net.ipv4.ip_forward=0), so the relay would forward nothing"
-    if not settings.fix_forwarding:
-        raise ForwardingOff(off, f"run '{TURN_ON}' (and 'natctl install-units' to keep it on), "
-                            "or set fix_forwarding = true")
-    try:
-        with open(path, "w") as fh:
-            fh.write("1\n")
-    except OSError as err:
-        raise ForwardingOff(f"{off}, and natctl cannot turn it on ({err.strerror or err})",
-                            f"run '{TURN_ON}' as root") from None
-    print(f"natctl: turned IP forwarding on (net.ipv4.ip_forward=1) until the next reboot; "
-          f"'natctl install-units' keeps it on (/etc/sysctl.d/{SYSCTL_DROPIN})", file=sys.stderr)

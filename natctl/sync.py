@@ -22,6 +22,7 @@ from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, Exhausted, KernelError, NatctlError, OwnedElsewhere, UsageError
 from natctl.kernel.backend import Kernel
+from natctl.kernel.forwarding import ensure_forwarding
 from natctl.model import Endpoint, Host, Snapshot
 from natctl.store import Store, random_tag
 from natctl.views import SyncResult
@@ -38,13 +39,6 @@ ElementScope = Callable[[Store], frozenset[planner.Element]]  # one lobby's, cli
 NOT_A_RELAY = ""
 # Every map a relay may own: a change planned for another relay's kernel leaves out what that kernel lacks.
 ALL_SETS = planner.NFT_SETS | {planner.XDP}
-
-
-def ensure_forwarding(settings: Settings) -> None:
-    """natctl.preflight.ensure_forwarding, imported when a kernel write first needs it (not by every command)."""
-    from natctl.preflight import ensure_forwarding as check
-
-    check(settings)
 
 
 
@@ -199,7 +193,7 @@ class Reconciler:
         return planner.Owner(store.store_id(), where)
 
     def check_forwarding(self) -> None:
-        """Once per process: IP forwarding on, or refused here (natctl.preflight). Every kernel write
+        """Once per process: IP forwarding on, or refused here (natctl.kernel.forwarding). Every kernel write
         runs it; the daemon also at start, when a kernel still in sync needs no write."""
         if self.preflight is not None:
             self.preflight(self.settings)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from natctl.cli.common import say, settings
-from natctl.preflight import DROPIN_TEXT, SYSCTL_DROPIN
+from natctl.kernel.forwarding import DROPIN_TEXT, SYSCTL_DROPIN
 
 # The unit files live in the checkout's rules/ (natctl is installed from a checkout, editable).
 RULES = Path(__file__).resolve().parents[2] / "rules"

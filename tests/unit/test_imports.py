@@ -17,8 +17,8 @@ HEAVY = ("pydantic", "rich", "pyroute2", "prometheus_client", "asyncio", "natctl
          "natctl.noray", "natctl.lan", "natctl.join", "natctl.lab", "natctl.demo", "bench")
 # Not even the service, the store or the kernel for merely loading the command line (--help, --version).
 # Nor for what scripts run most (natctl.cli.direct): OpenSSL's hashing and the registrar are the daemon's,
-# secrets is wanted only for a new token, pathlib by nothing.
-DIRECT_ONLY = ("typer", "click", "hashlib", "hmac", "secrets", "pathlib", "natctl.registrar")
+# secrets is wanted only for a new token, doctor's checks (preflight) only by doctor, pathlib by nothing.
+DIRECT_ONLY = ("typer", "click", "hashlib", "hmac", "secrets", "pathlib", "natctl.registrar", "natctl.preflight")
 ROOT_ONLY = (*HEAVY, "natctl.service", "natctl.store", "natctl.sync", "natctl.kernel", "nftables", "tomllib")
 
 

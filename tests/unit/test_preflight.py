@@ -6,10 +6,11 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from natctl import config, preflight, sync
+from natctl import config, preflight
 from natctl.cli.app import app
 from natctl.config import Settings
 from natctl.errors import ForwardingOff, UsageError
+from natctl.kernel import forwarding
 from natctl.kernel.fake import FakeKernel
 from natctl.model import Endpoint
 from natctl.preflight import Check, Facts, evaluate
@@ -146,17 +147,17 @@ def test_the_relay_ip_is_local_when_a_socket_binds_to_it():
 
 
 def test_natctl_turns_forwarding_on_and_says_so_once(fake_root, capsys):
-    preflight.ensure_forwarding(Settings(), str(fake_root))
+    forwarding.ensure_forwarding(Settings(), str(fake_root))
     assert (fake_root / "proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "turned IP forwarding on" in err[0] and "natctl install-units" in err[0]
-    preflight.ensure_forwarding(Settings(), str(fake_root))  # already on: silent
+    forwarding.ensure_forwarding(Settings(), str(fake_root))  # already on: silent
     assert capsys.readouterr().err == ""
 
 
 def test_with_the_fix_off_natctl_refuses_and_says_what_to_run(fake_root, capsys):
     with pytest.raises(ForwardingOff) as err:
-        preflight.ensure_forwarding(Settings(fix_forwarding=False), str(fake_root))
+        forwarding.ensure_forwarding(Settings(fix_forwarding=False), str(fake_root))
     assert err.value.exit_code == 9 and "sysctl -w net.ipv4.ip_forward=1" in str(err.value)
     assert (fake_root / "proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
     assert capsys.readouterr().err == ""
@@ -164,7 +165,7 @@ def test_with_the_fix_off_natctl_refuses_and_says_what_to_run(fake_root, capsys)
 
 def test_when_proc_sys_cannot_be_written_natctl_refuses(tmp_path):
     with pytest.raises(ForwardingOff, match="cannot turn it on"):
-        preflight.ensure_forwarding(Settings(), str(tmp_path / "no-proc"))
+        forwarding.ensure_forwarding(Settings(), str(tmp_path / "no-proc"))
 
 
 @pytest.mark.parametrize("value,expect", [("false", False), ("0", False), ("off", False), ("true", True), ("1", True)])
@@ -182,7 +183,7 @@ def test_fix_forwarding_from_the_config_file(tmp_path):
 
 
 def test_only_the_machines_own_kernel_is_checked():
-    assert Reconciler(Settings()).preflight is sync.ensure_forwarding  # which calls preflight's
+    assert Reconciler(Settings()).preflight is forwarding.ensure_forwarding
     assert Reconciler(Settings(), kernel_factory=FakeKernel).preflight is None  # tests, the bench: the caller's
 
 
