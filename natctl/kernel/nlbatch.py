@@ -255,11 +255,11 @@ def set_messages(kind: int, table: str, name: str, elements: Iterable[bytes]) ->
         yield kind, head + nest(LIST_ELEMENTS, *chunk)
 
 
-def messages(changes: Changes, table: str) -> list[tuple[int, bytes]]:
+def messages(changes: Changes, table: str) -> Iterator[tuple[int, bytes]]:
     """The batch's messages (type without the subsystem, payload) for a change, in the order nft's script
-    sends them (see natctl.kernel.nft.render): deletes, adds, then the generation and owner sets."""
+    sends them (see natctl.kernel.nft.render): deletes, adds, then the generation and owner sets. Made one
+    at a time, as ``batch`` frames them: 400,000 elements are never held twice."""
     lay = layouts()
-    out: list[tuple[int, bytes]] = []
     for kind, items, add in ((NFT_MSG_DELSETELEM, changes.delete, False), (NFT_MSG_NEWSETELEM, changes.add, True)):
         if kind == NFT_MSG_DELSETELEM and changes.create_table:
             continue  # a fresh table holds nothing to delete
@@ -267,7 +267,7 @@ def messages(changes: Changes, table: str) -> list[tuple[int, bytes]]:
             for name, (data, comments) in sorted(items.groups.items()):
                 if name not in lay:
                     raise KernelError(f"natctl has no set {name!r} to write to", "this is a bug in natctl")
-                out += set_messages(kind, table, name, lay[name].packed(name, data, comments, add))
+                yield from set_messages(kind, table, name, lay[name].packed(name, data, comments, add))
             continue
         by_set: dict[str, list[Element]] = {}
         for e in items:
@@ -276,18 +276,17 @@ def messages(changes: Changes, table: str) -> list[tuple[int, bytes]]:
             if name not in lay:
                 raise KernelError(f"natctl has no set {name!r} to write to", "this is a bug in natctl")
             pack = lay[name]._fast or lay[name]._slow
-            out += set_messages(kind, table, name, map(pack, by_set[name], repeat(add)))  # lazily: less memory
+            yield from set_messages(kind, table, name, map(pack, by_set[name], repeat(add)))
     from natctl.kernel.nft import comment_text
 
     if changes.generation is not None:
-        out.append((NFT_MSG_DELSETELEM, _flush(table, "generation")))
-        out += set_messages(NFT_MSG_NEWSETELEM, table, "generation",
-                            [lay["generation"].element(Element("generation", (changes.generation,)), True)])
+        yield NFT_MSG_DELSETELEM, _flush(table, "generation")
+        yield from set_messages(NFT_MSG_NEWSETELEM, table, "generation",
+                                [lay["generation"].element(Element("generation", (changes.generation,)), True)])
     if changes.owner is not None:
-        out.append((NFT_MSG_DELSETELEM, _flush(table, "owner")))
+        yield NFT_MSG_DELSETELEM, _flush(table, "owner")
         owner = Element("owner", (changes.owner.id,), None, comment_text(changes.owner.path))
-        out += set_messages(NFT_MSG_NEWSETELEM, table, "owner", [lay["owner"].element(owner, True)])
-    return out
+        yield from set_messages(NFT_MSG_NEWSETELEM, table, "owner", [lay["owner"].element(owner, True)])
 
 
 def _nlmsg(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
@@ -297,20 +296,22 @@ def _nlmsg(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
 _seq = 0
 
 
-def batch(msgs: list[tuple[int, bytes]], first_seq: int, keep: int | None = None) -> bytearray:
+def batch(msgs: Iterable[tuple[int, bytes]], first_seq: int, kept: list[tuple[int, bytes]] | None = None,
+          keep: int = 256) -> bytearray:
     """BATCH_BEGIN, the messages (each NLM_F_ACK, elements created as nft creates them), BATCH_END.
-    With ``keep``, each payload in ``msgs`` is cut to its first ``keep`` bytes once framed (its set's
-    name is all an error message needs), so a large batch is not held twice."""
+    ``kept`` receives each message's type and first ``keep`` bytes (its set's name, all an error message
+    needs), so a large batch is held once: framed, not also as its messages."""
     res = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
     out = bytearray(_nlmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, res))
-    for i, (kind, payload) in enumerate(msgs):
+    n = 0
+    for n, (kind, payload) in enumerate(msgs, 1):
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
         out += struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | kind, flags,
-                           first_seq + 1 + i, 0)
+                           first_seq + n, 0)
         out += payload
-        if keep is not None:
-            msgs[i] = (kind, payload[:keep])
-    out += _nlmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + len(msgs), res)
+        if kept is not None:
+            kept.append((kind, payload[:keep]))
+    out += _nlmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + n, res)
     return out
 
 
@@ -373,15 +374,16 @@ def next_seq(count: int = 1) -> int:
 def send(changes: Changes, table: str) -> int:
     """Write a change's elements in one batch; how many messages it took. Raises KernelError if refused
     (then the kernel holds nothing of it)."""
+    msgs: list[tuple[int, bytes]] = []  # each message's type and set, for the errors
+    first = next_seq()  # BATCH_BEGIN's; the messages' follow (a thread's own socket: no other takes them)
     try:
-        msgs = messages(changes, table)
+        data = batch(messages(changes, table), first, msgs)
     except (struct.error, ValueError, KeyError, TypeError, OSError, IndexError) as err:
         raise KernelError(f"nftables refused the change, nothing was applied ({_unwritable(changes, err)})",
                           "this element does not fit its set's type") from None
+    next_seq(len(msgs) + 1)
     if not msgs:
         return 0
-    first = next_seq(len(msgs) + 2)
-    data = batch(msgs, first, keep=256)
     s = thread_socket()
     want = len(data) + 65536
     if want > _local.buf:  # the whole batch goes in one send, so one skb: the buffers must hold it

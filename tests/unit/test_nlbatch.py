@@ -71,7 +71,7 @@ def test_bytes_are_what_nft_sends(case):
 def test_a_large_change_is_split_into_messages_under_64k():
     many = tuple(replace(e, key=(e.key[0], e.key[1], 1000 + i, e.key[3]))
                  for i, e in enumerate([next(e for e in ELEMENTS if e.set == "dnat4")] * 5000))
-    msgs = nlbatch.messages(Changes(add=many), TABLE)
+    msgs = list(nlbatch.messages(Changes(add=many), TABLE))
     assert len(msgs) > 1 and all(len(p) < 65535 for _, p in msgs)
     assert sum(count_elements(p) for _, p in msgs) == 5000  # every element in exactly one message
 
