@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from natctl import plan as planner
+from natctl import ruleset as proof
 from natctl.alloc import Allocator
 from natctl.config import Settings, local_port_overlap
 from natctl.errors import Conflict, Exhausted, KernelError, NatctlError, OwnedElsewhere, UsageError
@@ -40,23 +41,6 @@ NOT_A_RELAY = ""
 # Every map a relay may own: a change planned for another relay's kernel leaves out what that kernel lacks.
 ALL_SETS = planner.NFT_SETS | {planner.XDP}
 
-
-
-def _expiring(snap: Snapshot, now: float) -> bool:
-    """Has a lobby or forward of the snapshot passed its TTL (so the plan at ``now`` may differ from the
-    plan of an earlier write, with no row changed)?"""
-    return any(lb.closed is None and lb.expired(now) for lb in snap.lobbies) or \
-        any(f.expired(now) for f in snap.forwards)
-
-
-def _kernel_instance() -> str:
-    """This boot and network namespace: where a ruleset generation counts."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-        return f"{boot} {os.stat('/proc/self/ns/net').st_ino}"
-    except OSError:
-        return "unknown"
 
 class Effect(Protocol):
     """State outside the kernel's NAT maps that must match the rows (a VPN's peers).
@@ -213,7 +197,7 @@ class Reconciler:
         applied: milliseconds however many mappings are installed. Otherwise,
         and without a scope, the whole desired state is diffed against what
         the kernel holds. ``unchanged``: the caller changes no row (apply), so a kernel proven as the
-        store's last write left it (its ruleset generation, see _sealed) needs none of its maps read.
+        store's last write left it (its ruleset generation, natctl.ruleset) needs none of its maps read.
         """
         # Not a relay of the fleet (an operator's machine): no kernel here, nothing to turn on; what this
         # change plans for the fleet's relays goes to their outboxes.
@@ -237,7 +221,7 @@ class Reconciler:
                     self.check_owner()  # before any row changes: a full reconcile would undo another store's
                 if apply and mirrored and fleet is not None:
                     mirrored = self._drain(fleet, store)  # first what other relays' changes left for this kernel
-                ruleset, sealed = self._sealed(store) if apply else (None, False)
+                ruleset, sealed = proof.sealed(self.kernel, store, self.relay_ip) if apply else (None, False)
                 sealed = sealed and mirrored
                 if not apply:
                     store.clear_rulesets()  # rows may change here without the kernel: nothing stays proven
@@ -269,7 +253,8 @@ class Reconciler:
                         fleet.clear(store.relay or "")  # a full reconcile holds all that waited for this kernel
                     if changes.generation is not None:
                         store.set_generation(changes.generation)
-                    self._seal(store, ruleset, sealed, changes.generation is not None, verified=scoped is None)
+                    proof.seal(self.kernel, store, self.relay_ip, ruleset, sealed, changes.generation is not None,
+                               verified=scoped is None)
                     txn.result = SyncResult(self.kernel.name, len(changes.add), len(changes.delete),
                                             changes.create_table, 0, time.perf_counter() - start, checked)
         except BaseException:
@@ -365,7 +350,7 @@ class Reconciler:
         # nftables untouched since the store's last write, which the kernel took (sealed), and nothing in the
         # store expired since (the plan depends on the time only through TTLs): its maps hold that write's
         # plan, so they are neither planned nor read (at 100,000 mappings the dump alone takes seconds).
-        skip = planner.NFT_SETS if sealed and read_packed is not None and not _expiring(snap, now) else frozenset()
+        skip = planner.NFT_SETS if sealed and read_packed is not None and not proof.expiring(snap, now) else frozenset()
         sets = self.kernel.owns - skip
         desired = packed.plan(snap, now, sets, store.client_rows() if sets & packed.MAPPING_SETS else ())
         check_capacity(len(desired.get(planner.DNAT, ())))
@@ -381,35 +366,6 @@ class Reconciler:
             if self.settings.adopt:  # taken over: from here on this store defends it like any other
                 self.settings = replace(self.settings, adopt=False)
         return changes, "ruleset" if skip else "read"
-
-    def _sealed(self, store: Store) -> tuple[int | None, bool]:
-        """nftables' ruleset generation now, and whether it is the one this store's last write to this
-        kernel left (then no program changed nftables since: natctl.kernel.nldump.ruleset_generation)."""
-        now = self.kernel.ruleset()
-        return now, now is not None and store.ruleset() == self._ruleset_record(now)
-
-    def _seal(self, store: Store, before: int | None, sealed: bool, wrote: bool, verified: bool) -> None:
-        """Record the ruleset generation that proves the kernel as this change left it. ``before``: the
-        generation at the change's start; ``verified``: the kernel was read in full (or proved sealed) after
-        that. A write seals only if its own were the only commits since ``before`` and what it changed on was
-        known."""
-        if before is None:
-            return
-        if not wrote:
-            if verified:
-                store.set_ruleset(self._ruleset_record(before))
-            return
-        expected = before
-        for _ in range(self.kernel.transactions):
-            expected = (expected + 1) & 0xFFFFFFFF or 1  # the kernel's count skips 0
-        after = self.kernel.ruleset()
-        if (verified or sealed) and after == expected:
-            store.set_ruleset(self._ruleset_record(after))
-
-    def _ruleset_record(self, generation: int) -> str:
-        """A ruleset generation as the store keeps it, with what else the plan and the count depend on: the
-        relay IP (in every snat element), and this boot and network namespace (each counts on its own)."""
-        return f"{generation} {self.relay_ip} {_kernel_instance()}"
 
     def apply(self) -> SyncResult:
         """Make the kernel hold exactly what the store says (a no-op when it already does)."""
