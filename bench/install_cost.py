@@ -23,6 +23,26 @@ import tempfile
 from bench import lab as benchlab
 from bench.methods import Context, NatctlNft
 
+# Issue 11's targets, by mappings installed: one apply into an empty table (seconds, peak MB); every size:
+# one more mapping in the daemon and inside the CLI's change (ms), a reconcile with nothing to do (s).
+APPLY_TARGETS = {10_000: (0.25, None), 100_000: (2.0, 150.0)}
+DAEMON_MS, CLI_MS, NOOP_S = 2.0, 50.0, 1.0
+
+
+def targets(info: dict) -> list[tuple[str, bool]]:
+    """Each of issue 11's targets that this run measured, and whether it was met."""
+    out = []
+    secs, mb = APPLY_TARGETS.get(info["mappings"], (None, None))
+    if secs is not None:
+        out.append((f"one apply under {secs} s", info["apply_s"] < secs))
+    if mb is not None:
+        out.append((f"peak resident under {mb:.0f} MB", info["hwm_kib"] / 1024 < mb))
+    inc = info["incremental"]
+    out.append((f"one more mapping under {DAEMON_MS:.0f} ms in the daemon", inc["daemon"]["total_ms"] < DAEMON_MS))
+    out.append((f"one more mapping under {CLI_MS:.0f} ms in the CLI's change", inc["cli"]["total_ms"] < CLI_MS))
+    out.append((f"a reconcile with nothing to do under {NOOP_S:.0f} s", info["noop"]["sealed"]["s"] < NOOP_S))
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.install_cost", description=__doc__,
@@ -39,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             running = method.start(lab, Context(tmp), mappings=args.mappings, incremental=True)
             infos[writer] = running.info
             running.stop()
+    for info in infos.values():
+        info["targets"] = dict(targets(info))
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else next(iter(infos.values())), indent=2))
         return 0
@@ -57,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             n = info["noop"][case]
             print(f"  natctl apply with nothing to do, {what}: {n['s']:.2f} s (maps checked by: {n['checked']}"
                   f"{', CHANGED' if n['changed'] else ''})")
+        for what, met in targets(info):
+            print(f"  target {what}: {'met' if met else 'MISSED'}")
     return 0
 
 
