@@ -54,7 +54,7 @@ class XdpKernel:
     def read_packed(self, skip: Collection[str] = ()) -> Installed:
         installed = self.nft.read_packed(skip)
         if XDP in self.owns and XDP not in skip and installed.packed is not None:
-            installed.packed[XDP] = {packed.pack(Element(XDP, k, v)) for k, v in self.prog.entries().items()}
+            installed.packed[XDP] = self.prog.packed_entries()
         return installed
 
     def generation(self) -> int | None:

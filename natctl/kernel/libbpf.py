@@ -274,8 +274,8 @@ def lookup_all(fd: int, key_type: type[C.Structure], value_size: int) -> list[tu
             continue
         if rc < 0 and rc != -2:
             check(rc, "bpf_map_lookup_batch")
-        out += [(keys.raw[i * ksz:(i + 1) * ksz], values.raw[i * value_size:(i + 1) * value_size])
-                for i in range(count.value)]
+        kraw, vraw = keys.raw, values.raw  # each .raw is a copy of the whole buffer: once per batch
+        out += [(kraw[i * ksz:(i + 1) * ksz], vraw[i * value_size:(i + 1) * value_size]) for i in range(count.value)]
         if rc == -2:  # ENOENT: that was the last batch
             return out
         C.memmove(token_in, token_out, len(token_out))

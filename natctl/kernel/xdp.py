@@ -15,17 +15,22 @@ from __future__ import annotations
 import ctypes as C
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
 
+from natctl import packed
 from natctl.errors import KernelError
 from natctl.kernel import bpf_layout as L
 from natctl.kernel import libbpf
+from natctl.plan import XDP
 
 # The object built by bpf/Makefile (scripts/setup.sh); NATCTL_BPF_OBJECT overrides it.
 # the checkout's bpf/ (natctl is installed editable); os.path, not pathlib: its import costs every command ~3 ms
 OBJECT = os.environ.get("NATCTL_BPF_OBJECT") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "bpf", "xdp_relay.o")
 PIN_ROOT = "/sys/fs/bpf/natctl"
+# One relay map entry as the kernel keeps it: struct natctl_key, then struct natctl_rewrite (bpf_layout).
+_RAW = struct.Struct("!4sHH4s4sHH")
 MODES = ("auto", "native", "generic")
 FLAGS = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
 # name -> (key size, value size, max entries); a program whose maps differ is an older natctl's.
@@ -261,6 +266,21 @@ class Program:
         raw = libbpf.lookup_all(self.fds[L.RELAY_MAP], L.Key, C.sizeof(L.Rewrite))
         return {L.key_tuple(L.Key.from_buffer_copy(k)): L.rewrite_tuple(L.Rewrite.from_buffer_copy(v))
                 for k, v in raw}
+
+    def packed_entries(self) -> set[bytes]:
+        """The relay map as a full reconcile compares it: each entry as natctl.packed's XDP element bytes,
+        converted from the map's own in one struct call each (no tuple, no Element per entry)."""
+        if not self.fds:
+            return set()
+        raw = libbpf.lookup_all(self.fds[L.RELAY_MAP], L.Key, C.sizeof(L.Rewrite))
+        # struct natctl_key then natctl_rewrite, big-endian: saddr sport dport, new_saddr new_daddr new_sport
+        # new_dport; the plan's order is new_saddr new_sport new_daddr new_dport, each port padded to 4
+        unpack, pack = _RAW.unpack, packed.LAYOUTS[XDP].struct.pack
+        out = set()
+        for k, v in raw:
+            sa, sp, dp, nsa, nda, nsp, ndp = unpack(k + v)
+            out.add(pack(sa, sp, dp, nsa, nsp, nda, ndp))
+        return out
 
     def flow_stats(self) -> dict[tuple, tuple[int, int, int]]:
         """Per key: (packets, bytes, last seen in CLOCK_MONOTONIC ns), summed over CPUs."""

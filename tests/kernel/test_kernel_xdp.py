@@ -121,6 +121,32 @@ def test_detach_leaves_nftables_and_apply_reattaches_idempotently(xlab, xrelay, 
     assert counts(relay, lab, socks, "client1")[::2] == (2, 1)  # the new program's count starts over
 
 
+def test_apply_reads_the_xdp_map_though_nftables_is_proven(xlab, xrelay, socks):
+    """The XDP map has no ruleset generation: an apply that proves nftables unchanged still reads it (as
+    bytes, Program.packed_entries, the same as the plan's) and puts back an entry removed behind its back."""
+    from natctl import packed
+    from natctl.kernel.xdp import Program
+    from natctl.plan import XDP, Element
+
+    lab, relay = xlab, xrelay
+    relay("lobby", "create", "a")
+    add(relay, lab, socks, "a", "host", "client1")
+    with entered(lab.relay_ns):
+        prog = Program.find("eth0")
+        entries = prog.entries()
+        assert prog.packed_entries() == {packed.pack(Element(XDP, k, v)) for k, v in entries.items()}
+        assert len(entries) == 2
+        prog.write([next(iter(entries))], [])  # gone from the map, not from nftables
+        assert len(prog.entries()) == 1
+        prog.close()
+    result = relay.json("apply")
+    assert (result["checked"], result["added"], result["deleted"]) == ("ruleset", 1, 0)
+    with entered(lab.relay_ns):
+        prog = Program.find("eth0")
+        assert prog.entries() == entries
+        prog.close()
+
+
 def test_removing_a_mapping_stops_xdp_at_once(xlab, xrelay, socks):
     lab, relay = xlab, xrelay
     relay("lobby", "create", "a")
