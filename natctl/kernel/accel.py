@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from natctl import packed
 from natctl.config import Settings
@@ -71,6 +71,9 @@ class XdpKernel:
         return self.nft.owner()  # the owner lives in the nftables table; the XDP map follows whoever owns it
 
     def apply(self, changes: Changes) -> None:
+        if isinstance(changes.add, packed.PackedElements) and isinstance(changes.delete, packed.PackedElements):
+            self._apply_packed(changes)  # a full reconcile's: the XDP map's part stays bytes
+            return
         nft_add, xdp_adds = _split(changes.add)
         nft_del, xdp_dels = _split(changes.delete)
         xdp_del = [e.key for e in xdp_dels]
@@ -78,13 +81,44 @@ class XdpKernel:
         self.nft.apply(Changes(nft_add, nft_del, changes.create_table, changes.generation, changes.owner))
         if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
             return
-        try:
-            self.prog.load()
+
+        def write() -> tuple[int, int]:
+            nonlocal xdp_del, xdp_add
             if changes.create_table:  # nftables rebuilds its table from nothing: the XDP map follows
                 have = self.prog.entries()
                 xdp_del = [k for k, v in have.items() if xdp_add.get(k) != v]
                 xdp_add = {k: v for k, v in xdp_add.items() if have.get(k) != v}
-            added = self.prog.write(xdp_del, list(xdp_add.items()))
+            return self.prog.write(xdp_del, list(xdp_add.items())), len(xdp_add)
+
+        self._write_xdp(write)
+
+    def _apply_packed(self, changes: Changes) -> None:
+        """``apply`` of a full reconcile's change, its elements as bytes per map (natctl.packed): 200,000
+        XDP entries go from the plan's bytes to the map's structs without an Element or tuple each."""
+        add, delete = changes.add, changes.delete
+        assert isinstance(add, packed.PackedElements) and isinstance(delete, packed.PackedElements)
+        self.nft.apply(Changes(add.without({XDP}), delete.without({XDP}), changes.create_table, changes.generation,
+                               changes.owner))
+        xdp_add = list(add.groups.get(XDP, ((), None))[0])
+        xdp_del = list(delete.groups.get(XDP, ((), None))[0])
+        if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
+            return
+
+        def write() -> tuple[int, int]:
+            nonlocal xdp_del, xdp_add
+            if changes.create_table:  # as in apply: the map keeps only what the plan has
+                have, want = self.prog.packed_entries(), set(xdp_add)
+                xdp_del = [h for h in have if h not in want]
+                xdp_add = [a for a in xdp_add if a not in have]
+            return self.prog.write_packed(xdp_del, xdp_add), len(xdp_add)
+
+        self._write_xdp(write)
+
+    def _write_xdp(self, write: Callable[[], tuple[int, int]]) -> None:
+        """Load the program, ``write`` its map ((added, asked)), attach it; errors as one line each."""
+        try:
+            self.prog.load()
+            added, asked = write()
             self.prog.attach()  # after the writes: a new program starts with its maps full
         except XdpUnavailable as err:
             self._give_up(str(err))
@@ -92,8 +126,8 @@ class XdpKernel:
         except OSError as err:
             raise KernelError(f"nftables took the change but XDP refused it ({err.strerror or err})",
                               "run 'natctl apply' again, or use --accel none") from None
-        if added < len(xdp_add):
-            warn(f"the XDP map is full: {len(xdp_add) - added} mapping directions are left to nftables")
+        if added < asked:
+            warn(f"the XDP map is full: {asked - added} mapping directions are left to nftables")
 
     def _give_up(self, why: str) -> None:
         """XDP refused at attach time: say so once and carry on with nftables alone."""

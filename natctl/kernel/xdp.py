@@ -31,6 +31,7 @@ OBJECT = os.environ.get("NATCTL_BPF_OBJECT") or os.path.join(
 PIN_ROOT = "/sys/fs/bpf/natctl"
 # One relay map entry as the kernel keeps it: struct natctl_key, then struct natctl_rewrite (bpf_layout).
 _RAW = struct.Struct("!4sHH4s4sHH")
+_KEY, _REWRITE = struct.Struct("!4sHH"), struct.Struct("!4s4sHH")
 MODES = ("auto", "native", "generic")
 FLAGS = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
 # name -> (key size, value size, max entries); a program whose maps differ is an older natctl's.
@@ -317,23 +318,38 @@ class Program:
         libbpf.update(self.fds[L.LEASE_MAP], C.c_uint32(0), C.c_uint64(deadline_ns))
 
     def write(self, delete: list[tuple], add: list[tuple[tuple, tuple]]) -> int:
-        """Delete keys, then add (key, rewrite) pairs; returns how many adds fit in the map.
+        """Delete keys, then add (key, rewrite) pairs (the plan's tuples); returns how many adds fit in the map."""
+        return self.write_arrays((L.Key * len(delete))(*(L.key_of(k) for k in delete)),
+                                 (L.Key * len(add))(*(L.key_of(k) for k, _ in add)),
+                                 (L.Rewrite * len(add))(*(L.rewrite_of(v) for _, v in add)))
+
+    def write_packed(self, delete: list[bytes], add: list[bytes]) -> int:
+        """``write`` for element bytes (natctl.packed, a full reconcile's): deletes by their keys."""
+        unpack = packed.LAYOUTS[XDP].struct.unpack
+        dels = [unpack(d)[:3] for d in delete]
+        adds = [unpack(a) for a in add]
+        return self.write_arrays(
+            (L.Key * len(dels)).from_buffer_copy(b"".join(_KEY.pack(*k) for k in dels)),
+            (L.Key * len(adds)).from_buffer_copy(b"".join(_KEY.pack(sa, sp, dp) for sa, sp, dp, *_ in adds)),
+            (L.Rewrite * len(adds)).from_buffer_copy(b"".join(_REWRITE.pack(nsa, nda, nsp, ndp)
+                                                             for _, _, _, nsa, nsp, nda, ndp in adds)))
+
+    def write_arrays(self, delete: C.Array, keys: C.Array, rewrites: C.Array) -> int:
+        """Delete keys, then add keys with their rewrites, as the map's own structs; how many adds fit.
 
         Stats entries are created before their mapping and deleted after it,
         so the program only ever updates them in place.
         """
         relay, flows = self.fds[L.RELAY_MAP], self.fds[L.FLOWS_MAP]
-        if delete:
-            keys = (L.Key * len(delete))(*(L.key_of(k) for k in delete))
-            libbpf.delete_batch(relay, keys)
-            libbpf.delete_batch(flows, keys)
-        if not add:
+        if len(delete):
+            libbpf.delete_batch(relay, delete)
+            libbpf.delete_batch(flows, delete)
+        if not len(keys):
             return 0
-        keys = (L.Key * len(add))(*(L.key_of(k) for k, _ in add))
-        zeros = (C.c_char * (len(add) * C.sizeof(L.FlowStats) * libbpf.num_possible_cpus()))()
+        zeros = (C.c_char * (len(keys) * C.sizeof(L.FlowStats) * libbpf.num_possible_cpus()))()
         libbpf.update_batch(flows, keys, zeros)
-        done = libbpf.update_batch(relay, keys, (L.Rewrite * len(add))(*(L.rewrite_of(v) for _, v in add)))
-        if done < len(add):  # full: those directions stay with nftables
-            rest = (L.Key * (len(add) - done))(*keys[done:])
+        done = libbpf.update_batch(relay, keys, rewrites)
+        if done < len(keys):  # full: those directions stay with nftables
+            rest = (L.Key * (len(keys) - done))(*keys[done:])
             libbpf.delete_batch(flows, rest)
         return done
