@@ -246,7 +246,7 @@ class Reconciler:
                     scoped = self._apply_scoped(store, scope, before, tag) if before is not None else None
                     checked = "scoped"
                     if scoped is None:
-                        changes, checked = self._apply_full(store, tag, sealed and unchanged and scope is None)
+                        changes, checked = self._apply_full(store, tag, sealed and unchanged)
                     else:
                         changes = scoped
                     if scoped is None and fleet is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from natctl import packed
 from natctl.config import Settings
@@ -71,54 +71,18 @@ class XdpKernel:
         return self.nft.owner()  # the owner lives in the nftables table; the XDP map follows whoever owns it
 
     def apply(self, changes: Changes) -> None:
-        if isinstance(changes.add, packed.PackedElements) and isinstance(changes.delete, packed.PackedElements):
-            self._apply_packed(changes)  # a full reconcile's: the XDP map's part stays bytes
-            return
-        nft_add, xdp_adds = _split(changes.add)
-        nft_del, xdp_dels = _split(changes.delete)
-        xdp_del = [e.key for e in xdp_dels]
-        xdp_add = {e.key: e.value for e in xdp_adds if e.value is not None}
+        nft_add, xdp_add = _split(changes.add)
+        nft_del, xdp_del = _split(changes.delete)
         self.nft.apply(Changes(nft_add, nft_del, changes.create_table, changes.generation, changes.owner))
         if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
             return
-
-        def write() -> tuple[int, int]:
-            nonlocal xdp_del, xdp_add
-            if changes.create_table:  # nftables rebuilds its table from nothing: the XDP map follows
-                have = self.prog.entries()
-                xdp_del = [k for k, v in have.items() if xdp_add.get(k) != v]
-                xdp_add = {k: v for k, v in xdp_add.items() if have.get(k) != v}
-            return self.prog.write(xdp_del, list(xdp_add.items())), len(xdp_add)
-
-        self._write_xdp(write)
-
-    def _apply_packed(self, changes: Changes) -> None:
-        """``apply`` of a full reconcile's change, its elements as bytes per map (natctl.packed): 200,000
-        XDP entries go from the plan's bytes to the map's structs without an Element or tuple each."""
-        add, delete = changes.add, changes.delete
-        assert isinstance(add, packed.PackedElements) and isinstance(delete, packed.PackedElements)
-        self.nft.apply(Changes(add.without({XDP}), delete.without({XDP}), changes.create_table, changes.generation,
-                               changes.owner))
-        xdp_add = list(add.groups.get(XDP, ((), None))[0])
-        xdp_del = list(delete.groups.get(XDP, ((), None))[0])
-        if XDP not in self.owns or not (xdp_del or xdp_add or changes.create_table or not self.prog.attached):
-            return
-
-        def write() -> tuple[int, int]:
-            nonlocal xdp_del, xdp_add
-            if changes.create_table:  # as in apply: the map keeps only what the plan has
+        try:
+            self.prog.load()
+            if changes.create_table:  # nftables rebuilds its table from nothing: the XDP map keeps only the plan
                 have, want = self.prog.packed_entries(), set(xdp_add)
                 xdp_del = [h for h in have if h not in want]
                 xdp_add = [a for a in xdp_add if a not in have]
-            return self.prog.write_packed(xdp_del, xdp_add), len(xdp_add)
-
-        self._write_xdp(write)
-
-    def _write_xdp(self, write: Callable[[], tuple[int, int]]) -> None:
-        """Load the program, ``write`` its map ((added, asked)), attach it; errors as one line each."""
-        try:
-            self.prog.load()
-            added, asked = write()
+            added = self.prog.write_packed(xdp_del, xdp_add)
             self.prog.attach()  # after the writes: a new program starts with its maps full
         except XdpUnavailable as err:
             self._give_up(str(err))
@@ -126,8 +90,8 @@ class XdpKernel:
         except OSError as err:
             raise KernelError(f"nftables took the change but XDP refused it ({err.strerror or err})",
                               "run 'natctl apply' again, or use --accel none") from None
-        if added < asked:
-            warn(f"the XDP map is full: {asked - added} mapping directions are left to nftables")
+        if added < len(xdp_add):
+            warn(f"the XDP map is full: {len(xdp_add) - added} mapping directions are left to nftables")
 
     def _give_up(self, why: str) -> None:
         """XDP refused at attach time: say so once and carry on with nftables alone."""
@@ -152,11 +116,13 @@ class XdpKernel:
         return table or self.detached
 
 
-def _split(items: Sequence[Element]) -> tuple[Sequence[Element], list[Element]]:
-    """nftables' part of a change's adds (deletes) and the XDP map's (a full reconcile's stay packed)."""
+def _split(items: Sequence[Element]) -> tuple[Sequence[Element], list[bytes]]:
+    """nftables' part of a change's adds (deletes), and the XDP map's as element bytes (natctl.packed): a full
+    reconcile's 200,000 as the plan packed them, a scoped change's few packed here."""
     if isinstance(items, packed.PackedElements):
-        return items.without({XDP}), list(items.only({XDP}))
-    return tuple(e for e in items if e.set != XDP), [e for e in items if e.set == XDP]
+        return items.without({XDP}), list(items.groups.get(XDP, ((), None))[0])
+    # (every XDP element the plan makes has its value: plan.mapping_elements)
+    return tuple(e for e in items if e.set != XDP), [packed.pack(e) for e in items if e.set == XDP and e.value]
 
 
 def select(settings: Settings, mode: str | None = None) -> Kernel:

@@ -145,19 +145,25 @@ def names(table: str, what: int) -> set[str]:
                 length, kind, _flags, _seq = struct.unpack_from("=IHHI", buf, off)
                 if kind in (NLMSG_DONE, NLMSG_ERROR):
                     return out
-                attrs, pos = {}, off + 20
-                while pos + 4 <= off + length:  # a chain's attributes: its table's name and its own
-                    alen, atype = struct.unpack_from("=HH", buf, pos)
-                    if alen < 4:
-                        break
-                    attrs[atype & 0x3FFF] = buf[pos + 4: pos + alen]
-                    pos += (alen + 3) & ~3
+                attrs = _attrs(buf, off + 20, off + length)  # a chain's: its table's name and its own
                 name = attrs.get(NAME_ATTR[what])
                 if attrs.get(OBJ_TABLE, b"").rstrip(b"\0") == table.encode() and name is not None:
                     out.add(name.rstrip(b"\0").decode())
                 off += (length + 3) & ~3 if length else len(buf)
     finally:
         s.close()
+
+
+def _attrs(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
+    """A message's top-level attributes (after its nfgenmsg), by type."""
+    attrs = {}
+    while pos + 4 <= min(end, len(buf)):
+        alen, atype = struct.unpack_from("=HH", buf, pos)
+        if alen < 4:
+            break
+        attrs[atype & 0x3FFF] = buf[pos + 4: pos + alen]
+        pos += (alen + 3) & ~3
+    return attrs
 
 
 def counters(table: str, names: list[str]) -> dict[str, dict[bytes, tuple[int, int]]]:
@@ -243,12 +249,7 @@ def ruleset_generation() -> int:
     if kind == NLMSG_ERROR:
         (code,) = struct.unpack_from("=i", buf, 16)
         raise OSError(-code, os.strerror(-code))
-    pos = 20  # after the nfgenmsg
-    while pos + 4 <= min(length, len(buf)):
-        alen, atype = struct.unpack_from("=HH", buf, pos)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == NFTA_GEN_ID and alen >= 8:
-            return int(struct.unpack_from("!I", buf, pos + 4)[0])
-        pos += (alen + 3) & ~3
-    raise OSError(errno.EPROTO, "no NFTA_GEN_ID in the kernel's answer")
+    gen = _attrs(buf, 20, length).get(NFTA_GEN_ID, b"")
+    if len(gen) < 4:
+        raise OSError(errno.EPROTO, "no NFTA_GEN_ID in the kernel's answer")
+    return int(struct.unpack_from("!I", gen)[0])

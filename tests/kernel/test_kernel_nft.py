@@ -138,6 +138,10 @@ def test_apply_reads_no_map_until_something_else_changes_nftables(lab, relay, so
         d = send_and_receive(socks[src], socks[dst], (r, to), payload(512))
         assert d.intact and d.seen_from == (r, seen), d
     assert relay.json("apply")["checked"] == "ruleset"
+    # A refused sender blocked, as the daemon does it: a transaction too, though of no map apply compares.
+    run(["nft", "add", "element", "inet", "natctl", "blocked4", "{ 198.18.9.9 . 4000 }"], ns=lab.relay_ns)
+    assert relay.json("apply")["checked"] == "read"
+    assert relay.json("apply")["checked"] == "ruleset"
     run(["nft", "add", "table", "inet", "someone_else"], ns=lab.relay_ns)  # any transaction, any table
     try:
         assert relay.json("apply")["checked"] == "read"
